@@ -1,0 +1,594 @@
+"""The `broadcaster` command: parse, call the core, print with rich.
+
+Only typer is imported at start-up; the core, the store and the settings machinery are
+imported by the command that needs them, so `broadcaster --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from broadcaster.core import Broadcaster, PublishResult
+    from broadcaster.models import ChannelProgress, UpdateRequest
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Tell your users, on every channel at once, that your service is down — "
+    "and keep telling them until it is back.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+templates_app = typer.Typer(help="List, preview and check templates.", no_args_is_help=True)
+db_app = typer.Typer(help="The store: migrations and backups.", no_args_is_help=True)
+app.add_typer(templates_app, name="templates")
+app.add_typer(db_app, name="db")
+
+_state: dict[str, Any] = {"config": None}
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="broadcaster.toml to use (default: ./broadcaster.toml)"),
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would go out; send nothing.")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Channels = Annotated[
+    list[str] | None, typer.Option("--channel", metavar="NAME", help="Channel to publish to (repeatable).")
+]
+Fields = Annotated[
+    list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Template field (repeatable).")
+]
+Components = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--component",
+        metavar="NAME=STATE",
+        help="Affected component and its state, name=state (operational, degraded_performance, "
+        "partial_outage, major_outage, under_maintenance). Repeatable.",
+    ),
+]
+NextUpdate = Annotated[
+    str | None, typer.Option("--next-update", metavar="DURATION", help="Promise the next update in 30m, 1h…")
+]
+ImpactOption = Annotated[str | None, typer.Option("--impact", metavar="IMPACT", help="none, minor, major or critical")]
+Template = Annotated[str | None, typer.Option("--template", metavar="NAME", help="Template (default: the status)")]
+PublishKey = Annotated[
+    str | None, typer.Option("--publish-key", metavar="KEY", help="Publishing the same key twice sends nothing.")
+]
+NoWait = Annotated[
+    bool, typer.Option("--no-wait", help="Store and return; leave dispatch to `serve`/`dispatch`.")
+]
+
+
+def console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    console(stderr=True).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def actor() -> str:
+    return os.environ.get("BROADCASTER_ACTOR") or f"cli:{getpass.getuser()}"
+
+
+def run(work: Callable[[Broadcaster], Awaitable[T]]) -> T:
+    """Open the broadcaster, run one command, close; one clear line for any known error."""
+    from broadcaster.errors import BroadcasterError
+
+    async def main() -> T:
+        from broadcaster.core import Broadcaster
+
+        async with await Broadcaster.open(_state["config"]) as broadcaster:
+            return await work(broadcaster)
+
+    return run_async(main(), BroadcasterError)
+
+
+def run_async(coroutine: Coroutine[Any, Any, T], known: type[Exception]) -> T:
+    try:
+        return asyncio.run(coroutine)
+    except known as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail(
+            "interrupted — what was not sent stays queued and is resumed by the next "
+            "`broadcaster dispatch` (or any publishing command, or `serve`)",
+            130,
+        ) from None
+
+
+@app.callback()
+def main_options(config: ConfigOption = None) -> None:
+    """Global options."""
+    _state["config"] = config
+
+
+# -- publishing ------------------------------------------------------------------------
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values or []:
+        key, sep, val = value.partition("=")
+        if not sep or not key.strip():
+            raise fail(f"{what} '{value}' is not key=value")
+        pairs[key.strip()] = val
+    return pairs
+
+
+def _request(
+    *,
+    status: str,
+    title: str | None,
+    template: str | None,
+    impact: str | None,
+    components: list[str] | None,
+    fields: list[str] | None,
+    next_update: str | None,
+    channels: list[str] | None,
+    publish_key: str | None,
+) -> UpdateRequest:
+    from pydantic import ValidationError
+
+    from broadcaster.config import parse_duration
+    from broadcaster.models import UpdateRequest
+
+    next_update_at = None
+    if next_update:
+        try:
+            next_update_at = datetime.now(UTC) + parse_duration(next_update)
+        except ValueError as exc:
+            raise fail(f"--next-update: {exc}") from None
+    try:
+        return UpdateRequest(
+            status=status,  # type: ignore[arg-type]
+            title=title,
+            template=template,
+            impact=impact,  # type: ignore[arg-type]
+            components=_pairs(components, "--component"),  # type: ignore[arg-type]
+            fields=_pairs(fields, "--set"),
+            next_update_at=next_update_at,
+            channels=channels or None,
+            publish_key=publish_key,
+            actor=actor(),
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise fail(f"{where}: {error['msg']}") from None
+
+
+async def _publish_flow(
+    broadcaster: Broadcaster,
+    request: UpdateRequest,
+    incident_id: int | None,
+    *,
+    dry_run: bool,
+    yes: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    from broadcaster.views import preview_view
+
+    out = console()
+    preview = await broadcaster.preview(request, incident_id)
+    if not as_json or dry_run:
+        if as_json:
+            out.print_json(preview.model_dump_json())
+        else:
+            out.print(preview_view(preview))
+    if not preview.ok:
+        raise fail("nothing was sent: fix the checks above")
+    if dry_run:
+        out.print("[dim]dry run: nothing stored, nothing sent[/]")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise fail("refusing to publish without confirmation — pass --yes in scripts")
+        names = ", ".join(r.channel for r in preview.renders)
+        if not typer.confirm(f"Publish to {names}?", default=False):
+            raise fail("not published", 1)
+    result = await broadcaster.publish(request, incident_id)
+    if not result.new:
+        out.print(
+            f"[yellow]publish key seen before: update #{result.update.id} of incident "
+            f"#{result.incident.id} was already published — nothing new sent[/]"
+        )
+    elif not as_json:
+        out.print(
+            f"[green]published[/] update #{result.update.id} of incident "
+            f"#{result.incident.id} ({result.update.status.value})"
+        )
+    final = await _watch(broadcaster, [result.update.id], quiet=as_json) if wait else []
+    if as_json:
+        _print_json(_result_json(result, final))
+
+
+def _result_json(result: PublishResult, progress: list[ChannelProgress]) -> dict[str, Any]:
+    from broadcaster.views import progress_json
+
+    return {
+        "incident_id": result.incident.id,
+        "update_id": result.update.id,
+        "new": result.new,
+        "deliveries": progress_json(progress),
+    }
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+async def _watch(
+    broadcaster: Broadcaster, update_ids: list[int] | None, *, quiet: bool = False
+) -> list[ChannelProgress]:
+    from broadcaster.views import watch_deliveries
+
+    if quiet:
+        return await broadcaster.wait(update_ids)
+    return await watch_deliveries(broadcaster, update_ids, console())
+
+
+@app.command("open")
+def open_incident(
+    title: Annotated[str, typer.Option("--title", metavar="TEXT", help="What is broken, for everyone to read.")],
+    status: Annotated[str, typer.Option(help="investigating, identified or monitoring")] = (
+        "investigating"
+    ),
+    template: Template = None,
+    impact: ImpactOption = None,
+    component: Components = None,
+    set_: Fields = None,
+    next_update: NextUpdate = None,
+    channel: Channels = None,
+    publish_key: PublishKey = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    no_wait: NoWait = False,
+    as_json: AsJson = False,
+) -> None:
+    """Open an incident and publish its first update."""
+    request = _request(status=status, title=title, template=template, impact=impact,
+                       components=component, fields=set_, next_update=next_update,
+                       channels=channel, publish_key=publish_key)
+    run(lambda b: _publish_flow(b, request, None, dry_run=dry_run, yes=yes, wait=not no_wait,
+                                as_json=as_json))
+
+
+@app.command("update")
+def update_incident(
+    incident_id: Annotated[int, typer.Argument(help="Incident number")],
+    status: Annotated[str, typer.Option(help="investigating, identified or monitoring")],
+    title: Annotated[str | None, typer.Option(help="A corrected title")] = None,
+    template: Template = None,
+    impact: ImpactOption = None,
+    component: Components = None,
+    set_: Fields = None,
+    next_update: NextUpdate = None,
+    channel: Channels = None,
+    publish_key: PublishKey = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    no_wait: NoWait = False,
+    as_json: AsJson = False,
+) -> None:
+    """Publish a follow-up update of an incident (threaded under its first post)."""
+    request = _request(status=status, title=title, template=template, impact=impact,
+                       components=component, fields=set_, next_update=next_update,
+                       channels=channel, publish_key=publish_key)
+    run(lambda b: _publish_flow(b, request, incident_id, dry_run=dry_run, yes=yes,
+                                wait=not no_wait, as_json=as_json))
+
+
+@app.command("resolve")
+def resolve_incident(
+    incident_id: Annotated[int, typer.Argument(help="Incident number")],
+    template: Template = None,
+    component: Components = None,
+    set_: Fields = None,
+    channel: Channels = None,
+    publish_key: PublishKey = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    no_wait: NoWait = False,
+    as_json: AsJson = False,
+) -> None:
+    """Resolve an incident: every affected component back to operational unless told."""
+    request = _request(status="resolved", title=None, template=template, impact=None,
+                       components=component, fields=set_, next_update=None, channels=channel,
+                       publish_key=publish_key)
+    run(lambda b: _publish_flow(b, request, incident_id, dry_run=dry_run, yes=yes,
+                                wait=not no_wait, as_json=as_json))
+
+
+@app.command("dispatch")
+def dispatch() -> None:
+    """Send everything still queued (after a crash or an interrupted run), until settled."""
+
+    async def work(b: Broadcaster) -> None:
+        final = await _watch(b, None)
+        if any(p.broken for p in final):
+            raise fail("some channels are broken; their deliveries stay queued (see above)")
+
+    run(work)
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+@app.command("incidents")
+def list_incidents(
+    open_only: Annotated[bool, typer.Option("--open", help="Only unresolved incidents.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """List incidents, newest first."""
+    from broadcaster.views import incidents_table
+
+    incidents = run(lambda b: b.incidents(open_only=open_only))
+    if as_json:
+        _print_json([i.model_dump(mode="json") for i in incidents])
+    else:
+        console().print(incidents_table(incidents))
+
+
+@app.command("show")
+def show_incident(
+    incident_id: Annotated[int, typer.Argument(help="Incident number")], as_json: AsJson = False
+) -> None:
+    """One incident with its updates and its audit trail."""
+    from broadcaster.views import incident_view
+
+    async def work(b: Broadcaster) -> tuple[Any, Any]:
+        return await b.incident(incident_id), await b.audit(incident_id)
+
+    incident, audit = run(work)
+    if as_json:
+        _print_json({**incident.model_dump(mode="json"),
+                     "audit": [a.model_dump(mode="json") for a in audit]})
+    else:
+        console().print(incident_view(incident, audit))
+
+
+@app.command("status")
+def delivery_status(
+    incident_id: Annotated[int, typer.Argument(help="Incident number")],
+    channel: Annotated[str | None, typer.Option(help="Only this channel.")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="List every failed delivery.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Deliveries of an incident per channel: counts by state, failures with their error."""
+    from broadcaster.models import FAILED_STATES
+    from broadcaster.views import failures_table, progress_json, progress_table
+
+    async def work(b: Broadcaster) -> tuple[Any, Any]:
+        progress = await b.progress(incident_id, channel=channel)
+        failures = (
+            await b.deliveries(incident_id, channel=channel, states=FAILED_STATES)
+            if failed
+            else None
+        )
+        return progress, failures
+
+    progress, failures = run(work)
+    if as_json:
+        data: dict[str, Any] = {"incident_id": incident_id, "channels": progress_json(progress)}
+        if failures is not None:
+            data["failed"] = [d.model_dump(mode="json") for d in failures]
+        _print_json(data)
+        return
+    out = console()
+    out.print(progress_table(progress, title=f"deliveries of incident #{incident_id}"))
+    shown = failures if failures is not None else [d for p in progress for d in p.failures]
+    if shown:
+        out.print(failures_table(shown))
+
+
+@app.command("retry")
+def retry(
+    incident_id: Annotated[int, typer.Argument(help="Incident number")],
+    channel: Annotated[str | None, typer.Option(help="Only this channel.")] = None,
+    no_wait: NoWait = False,
+) -> None:
+    """Queue the failed deliveries of an incident's latest update again, and send them."""
+
+    async def work(b: Broadcaster) -> None:
+        requeued, skipped = await b.retry(incident_id, channel=channel, actor=actor())
+        out = console()
+        out.print(f"requeued {requeued} failed deliveries")
+        if skipped:
+            out.print(f"[dim]skipped {skipped} of older updates (the latest update supersedes "
+                      "them)[/]")
+        if requeued and not no_wait:
+            await _watch(b, None)
+
+    run(work)
+
+
+@app.command("cancel")
+def cancel(
+    incident_id: Annotated[int, typer.Argument(help="Incident number")],
+    update_id: Annotated[
+        int | None, typer.Option("--update", help="Update number (default: the latest)")
+    ] = None,
+    yes: Yes = False,
+) -> None:
+    """The kill switch: stop a published update that is still going out."""
+
+    async def work(b: Broadcaster) -> None:
+        incident = await b.incident(incident_id)
+        target = update_id or (incident.updates[-1].id if incident.updates else None)
+        if target is None or target not in {u.id for u in incident.updates}:
+            raise fail(f"incident #{incident_id} has no update #{target}")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise fail("refusing to cancel without confirmation — pass --yes in scripts")
+            if not typer.confirm(f"Cancel update #{target}?", default=False):
+                raise fail("not cancelled")
+        cancelled = await b.cancel(target, actor=actor())
+        console().print(
+            f"cancelled update #{target}: {cancelled} queued deliveries stopped "
+            "(already sent ones stay sent)"
+        )
+
+    run(work)
+
+
+# -- templates, channels, health ---------------------------------------------------------
+
+
+@templates_app.command("list")
+def templates_list() -> None:
+    """Every template (yours override ours) with its fields."""
+    from rich.table import Table
+
+    async def work(b: Broadcaster) -> Table:
+        table = Table()
+        for column in ("template", "required fields", "optional fields", "description"):
+            table.add_column(column)
+        for name in b.library.names():
+            spec = b.library.get(name)
+            table.add_row(name, ", ".join(spec.required), ", ".join(spec.optional),
+                          spec.description)
+        return table
+
+    console().print(run(work))
+
+
+@templates_app.command("preview")
+def templates_preview(
+    name: Annotated[str, typer.Argument(help="Template name")],
+    channel: Channels = None,
+    set_: Fields = None,
+    title: Annotated[str, typer.Option(help="Incident title")] = "Example incident",
+) -> None:
+    """Render a template for each channel with its example fields (or yours)."""
+    from broadcaster.models import IncidentStatus, UpdateRequest
+    from broadcaster.views import preview_view
+
+    async def work(b: Broadcaster) -> None:
+        spec = b.library.get(name)
+        statuses = {s.value: s for s in IncidentStatus}
+        request = UpdateRequest(
+            status=statuses.get(name, IncidentStatus.INVESTIGATING),
+            template=name,
+            title=title,
+            fields={**spec.example, **_pairs(set_, "--set")},
+            channels=channel or list(b.channels),
+            actor=actor(),
+        )
+        console().print(preview_view(await b.preview(request)))
+
+    run(work)
+
+
+@templates_app.command("check")
+def templates_check() -> None:
+    """Check every template against every configured channel."""
+
+    async def work(b: Broadcaster) -> list[Any]:
+        return b.check_templates()
+
+    failures = run(work)
+    out = console()
+    for failure in failures:
+        out.print(f"[red]✗[/] {failure}")
+    if failures:
+        raise fail(f"{len(failures)} template problem(s)")
+    out.print("[green]✓[/] every template fits every channel")
+
+
+@app.command("channels")
+def list_channels() -> None:
+    """Configured channels: type, family, languages, limits."""
+    from rich.table import Table
+
+    async def work(b: Broadcaster) -> Table:
+        table = Table()
+        for column in ("channel", "type", "family", "languages", "limits", "default"):
+            table.add_column(column)
+        for name, ch in b.channels.items():
+            limits = ", ".join(f"{k}={v}" for k, v in ch.limits.model_dump().items() if v)
+            default = name in (b.settings.default_channels or list(b.channels))
+            table.add_row(name, ch.config.type, ch.family.value, ", ".join(ch.languages),
+                          limits or "-", "yes" if default else "")
+        return table
+
+    console().print(run(work))
+
+
+@app.command("doctor")
+def doctor() -> None:
+    """Config valid, store reachable, secrets present, each channel's own checks."""
+    checks = run(lambda b: b.doctor())
+    out = console()
+    for check in checks:
+        mark = "[green]✓[/]" if check.ok else "[red]✗[/]"
+        out.print(f"{mark} {check.subject}: {check.detail}")
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command("init")
+def init(
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented broadcaster.toml into the current folder."""
+    from broadcaster.starter import STARTER_CONFIG
+
+    target = Path.cwd() / "broadcaster.toml"
+    if target.exists() and not force:
+        raise fail(f"{target} exists — pass --force to overwrite it")
+    target.write_text(STARTER_CONFIG)
+    console().print(f"wrote {target}\nnext: `broadcaster doctor`, then "
+                    "`broadcaster open --title ... --dry-run`")
+
+
+@app.command("demo")
+def demo(
+    folder: Annotated[
+        Path, typer.Option("--dir", help="Where the demo's config, store and site go.")
+    ] = Path("broadcaster-demo"),
+) -> None:
+    """Rehearse a whole incident on local simulators: no credentials, nothing real sent."""
+    from broadcaster.demo import run_demo
+    from broadcaster.errors import BroadcasterError
+
+    run_async(run_demo(folder.resolve(), console()), BroadcasterError)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the store's migrations (done automatically on first use)."""
+    run(lambda b: asyncio.sleep(0))
+    console().print("store is at the newest schema")
+
+
+@db_app.command("backup")
+def db_backup(target: Annotated[Path, typer.Argument(help="New file for the copy")]) -> None:
+    """A consistent online copy of the SQLite store (safe while others write)."""
+    run(lambda b: b.store.backup(target))
+    console().print(f"backed up to {target}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

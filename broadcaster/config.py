@@ -1,0 +1,154 @@
+"""Settings: broadcaster.toml + environment (BROADCASTER_*), validated with pydantic-settings.
+
+Secrets are never read from the file itself: a channel names an environment variable
+or a file that holds each secret (`SecretRef`), resolved only when a channel starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from broadcaster.errors import ConfigError
+
+CONFIG_FILE_NAME = "broadcaster.toml"
+_DURATION = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m(?:in)?)?\s*(?:(\d+)\s*s)?\s*$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """'30m', '1h30m', '2d', '45s' -> timedelta; a clear error otherwise."""
+    match = _DURATION.match(text)
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"'{text}' is not a duration — write it like 30m, 1h30m, 2d or 45s")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+class DispatchSettings(BaseModel):
+    """How the embedded dispatcher behaves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lease_seconds: float = Field(default=15.0, gt=1, description="dispatcher lease, renewed at 1/3")
+    sending_lease_seconds: float = Field(
+        default=120.0, gt=1, description="a delivery left 'sending' this long is resumed"
+    )
+    poll_seconds: float = Field(default=0.25, gt=0, description="idle wait between looks at the queue")
+    flush_batch: int = Field(default=500, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything broadcaster.toml can say; BROADCASTER_* environment variables override it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BROADCASTER_", extra="forbid", env_nested_delimiter="__"
+    )
+
+    store: str = Field(default="sqlite:///broadcaster.db", description="SQLAlchemy URL")
+    backend: Literal["embedded"] = "embedded"
+    templates_dir: Path | None = Field(default=None, description="your templates; override ours")
+    data_dir: Path = Field(default=Path(".broadcaster"), description="sessions, caches")
+    page_title: str = "Service status"
+    status_page_url: str | None = None
+    timezone: str = "UTC"
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    default_channels: list[str] = Field(default_factory=list)
+    components: dict[str, str] = Field(
+        default_factory=dict, description="component name -> name shown to users"
+    )
+    channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    config_path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone '{value}' (use an IANA name like Europe/Paris)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file is passed as init values; the environment must win over it.
+        return (env_settings, init_settings)
+
+    def resolve_path(self, path: Path) -> Path:
+        """Paths in the file are relative to the file's folder."""
+        base = self.config_path.parent if self.config_path else Path.cwd()
+        return path if path.is_absolute() else base / path
+
+    @property
+    def store_url(self) -> str:
+        """The store URL, with a relative SQLite path made relative to the config file."""
+        for prefix in ("sqlite:///", "sqlite+aiosqlite:///"):
+            if self.store.startswith(prefix):
+                path = self.store[len(prefix) :]
+                if path and path != ":memory:" and not path.startswith("/"):
+                    path = str(self.resolve_path(Path(path)))
+                return f"sqlite+aiosqlite:///{path}"
+        if self.store.startswith(("postgresql://", "postgres://")):
+            return "postgresql+psycopg://" + self.store.split("://", 1)[1]
+        return self.store
+
+
+def find_config(explicit: Path | None = None) -> Path | None:
+    """--config, else $BROADCASTER_CONFIG, else ./broadcaster.toml if it exists."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("BROADCASTER_CONFIG")
+    if env:
+        return Path(env)
+    here = Path.cwd() / CONFIG_FILE_NAME
+    return here if here.is_file() else None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read and validate the settings; a ConfigError names the file and the key."""
+    path = find_config(path)
+    values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file — run `broadcaster init` to write one")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return Settings(**values, config_path=path.resolve() if path else None)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, path)) from None
+
+
+def describe_validation_error(exc: ValidationError, path: Path | None, prefix: str = "") -> str:
+    """The first problem of a ValidationError as 'file: key.path: message'."""
+    where = f"{path}: " if path else ""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{where}{key}: {message}")
+    extra = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + extra

@@ -1,0 +1,410 @@
+"""The Python API: what the CLI (and scripts) do, in one place.
+
+    async with await Broadcaster.open() as b:
+        result = await b.publish(UpdateRequest(status="investigating", title="API down",
+                                               fields={"summary": "Requests fail"}))
+        await b.wait([result.update.id])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+
+from broadcaster.adapters import build_channels
+from broadcaster.config import Settings, load_settings
+from broadcaster.dispatch import DispatchBackend, EmbeddedBackend
+from broadcaster.errors import BroadcasterError, CheckFailedError, NotFoundError
+from broadcaster.models import (
+    AuditEntry,
+    ChannelProgress,
+    CheckFailure,
+    ComponentState,
+    ComponentStatus,
+    Delivery,
+    DeliveryState,
+    Impact,
+    Incident,
+    IncidentStatus,
+    Preview,
+    Update,
+    UpdateRequest,
+)
+from broadcaster.store import ChannelPlan, PublishPlan, Store
+from broadcaster.templates import RenderContext, TemplateLibrary
+from channels.base import Channel, ChannelContext
+
+ProgressCallback = Callable[[list[ChannelProgress], bool], Awaitable[None]]
+
+_IMPACT_OF_STATE = {
+    ComponentState.MAJOR_OUTAGE: Impact.MAJOR,
+    ComponentState.PARTIAL_OUTAGE: Impact.MINOR,
+    ComponentState.DEGRADED_PERFORMANCE: Impact.MINOR,
+    ComponentState.UNDER_MAINTENANCE: Impact.MINOR,
+    ComponentState.OPERATIONAL: Impact.NONE,
+}
+_IMPACT_ORDER = list(Impact)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """A published update; `new` is False when its publish key had been published before."""
+
+    incident: Incident
+    update: Update
+    new: bool
+
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    """One line of `broadcaster doctor`."""
+
+    subject: str
+    ok: bool
+    detail: str
+
+
+class Broadcaster:
+    """Check, render, store and dispatch incident updates."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        channels: dict[str, Channel],
+        library: TemplateLibrary,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.channels = channels
+        self.library = library
+        self.backend: DispatchBackend = EmbeddedBackend(store, channels, settings.dispatch)
+
+    @classmethod
+    async def open(
+        cls, config: Path | None = None, *, settings: Settings | None = None
+    ) -> Broadcaster:
+        """Load broadcaster.toml (or the given settings), open the store, build channels."""
+        settings = settings or load_settings(config)
+        base_dir = settings.resolve_path(Path("."))
+        context = ChannelContext(
+            base_dir=base_dir, data_dir=settings.resolve_path(settings.data_dir)
+        )
+        channels = build_channels(settings, context)
+        templates_dir = settings.resolve_path(settings.templates_dir) if settings.templates_dir else None
+        library = TemplateLibrary.with_shipped(templates_dir)
+        store = await Store.open(settings.store_url)
+        broadcaster = cls(settings, store, channels, library)
+        context.write_public_site = broadcaster.write_public_site
+        return broadcaster
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def __aenter__(self) -> Broadcaster:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- checking and rendering -----------------------------------------------------
+
+    def _channels_for(self, request: UpdateRequest) -> list[Channel]:
+        names = request.channels or self.settings.default_channels or list(self.channels)
+        unknown = [n for n in names if n not in self.channels]
+        if unknown:
+            raise NotFoundError(
+                f"unknown channel '{unknown[0]}' — configured: {', '.join(self.channels) or 'none'}"
+            )
+        if not names:
+            raise BroadcasterError("no channels configured — add one to broadcaster.toml")
+        return [self.channels[n] for n in names]
+
+    def _check_components(self, components: dict[str, ComponentState]) -> None:
+        known = self.settings.components
+        unknown = [c for c in components if known and c not in known]
+        if unknown:
+            raise NotFoundError(
+                f"unknown component '{unknown[0]}' — configured: {', '.join(known)}"
+            )
+
+    async def _plan(self, request: UpdateRequest, incident_id: int | None) -> tuple[
+        PublishPlan, Preview
+    ]:
+        incident = await self.store.get_incident(incident_id) if incident_id is not None else None
+        if incident is None:
+            if not request.title:
+                raise BroadcasterError("a new incident needs a title (--title)")
+            if request.status.is_final:
+                raise BroadcasterError("cannot open an incident as already resolved")
+        elif incident.status.is_final and not request.status.is_final:
+            raise BroadcasterError(
+                f"incident #{incident.id} is {incident.status.value} — open a new incident"
+            )
+        self._check_components(request.components)
+        current = dict(incident.components) if incident else {}
+        if request.status.is_final:
+            # Resolving means everything the incident touched works again, unless told.
+            current = dict.fromkeys(current, ComponentState.OPERATIONAL)
+        current.update(request.components)
+        impact = request.impact or (
+            incident.impact if incident else self._impact_from(request.components)
+        )
+        title = request.title or (incident.title if incident else "")
+        template = request.template_name
+        failures: list[CheckFailure] = list(self.library.check_fields(template, request.fields))
+        context = RenderContext(
+            incident_id=incident.id if incident else None,
+            title=title,
+            status=request.status,
+            impact=impact,
+            components=[
+                ComponentStatus(
+                    name=name, display_name=self.settings.components.get(name, name), state=state
+                )
+                for name, state in current.items()
+            ],
+            fields=request.fields,
+            next_update_at=request.next_update_at,
+            started_at=incident.created_at if incident else datetime.now(UTC),
+            timezone=self.settings.timezone,
+            status_page_url=self.settings.status_page_url,
+        )
+        facts = {
+            "title": title,
+            "status": request.status.value,
+            "impact": impact.value,
+            "components": {k: v.value for k, v in current.items()},
+            "next_update_at": request.next_update_at.isoformat()
+            if request.next_update_at
+            else None,
+            "status_page_url": self.settings.status_page_url,
+        }
+        plans: dict[str, ChannelPlan] = {}
+        renders = []
+        if not failures:
+            for channel in self._channels_for(request):
+                render, problems = self.library.render_for_channel(
+                    template,
+                    channel=channel.name,
+                    family=channel.family,
+                    languages=channel.languages,
+                    limits=channel.limits,
+                    capabilities=channel.capabilities,
+                    context=context,
+                    gsm7=channel.config.gsm7,
+                )
+                render.facts = facts
+                renders.append(render)
+                failures.extend(problems)
+                plans[channel.name] = ChannelPlan(
+                    render=render,
+                    recipients=[(r.id, r.language) for r in channel.recipients()],
+                    deadline_seconds=channel.config.deadline_seconds,
+                )
+        plan = PublishPlan(
+            incident_id=incident.id if incident else None,
+            title=title,
+            status=request.status,
+            impact=impact,
+            components=dict(request.components),
+            incident_components=current,
+            template=template,
+            fields=dict(request.fields),
+            next_update_at=request.next_update_at,
+            publish_key=request.publish_key,
+            actor=request.actor,
+            channels=plans,
+        )
+        return plan, Preview(request=request, renders=renders, failures=failures)
+
+    @staticmethod
+    def _impact_from(components: dict[str, ComponentState]) -> Impact:
+        impacts = [_IMPACT_OF_STATE[s] for s in components.values()] or [Impact.MINOR]
+        return max(impacts, key=_IMPACT_ORDER.index)
+
+    async def preview(self, request: UpdateRequest, incident_id: int | None = None) -> Preview:
+        """Every channel's text and measures and every failed check; nothing is stored."""
+        _plan, preview = await self._plan(request, incident_id)
+        return preview
+
+    # -- publishing -----------------------------------------------------------------
+
+    async def publish(
+        self, request: UpdateRequest, incident_id: int | None = None
+    ) -> PublishResult:
+        """Check, then store the update and its deliveries in one transaction.
+
+        Raises CheckFailedError (nothing stored) when a check fails. Deliveries go out
+        when the backend drives them: `wait()` here, or a running `serve`.
+        """
+        if request.publish_key:
+            existing = await self.store.find_by_publish_key(request.publish_key)
+            if existing is not None:
+                incident = await self.store.get_incident(existing.incident_id)
+                return PublishResult(incident=incident, update=existing, new=False)
+        plan, preview = await self._plan(request, incident_id)
+        if preview.failures:
+            raise CheckFailedError(preview.failures)
+        update, new = await self.store.publish(plan)
+        if new:
+            self.backend.published()
+        incident = await self.store.get_incident(update.incident_id)
+        return PublishResult(incident=incident, update=update, new=new)
+
+    async def cancel(self, update_id: int, *, actor: str) -> int:
+        """The kill switch: stop an update's queued deliveries. Returns how many stopped."""
+        return await self.store.cancel_update(update_id, actor)
+
+    async def retry(self, incident_id: int, *, channel: str | None, actor: str) -> tuple[int, int]:
+        """Queue the failed deliveries of the incident's latest update again."""
+        await self.store.get_incident(incident_id)
+        if channel is not None and channel not in self.channels:
+            raise NotFoundError(f"unknown channel '{channel}' — configured: {', '.join(self.channels)}")
+        result = await self.store.retry_failed(
+            incident_id,
+            channel=channel,
+            deadline_seconds={n: c.config.deadline_seconds for n, c in self.channels.items()},
+            actor=actor,
+        )
+        self.backend.published()
+        return result
+
+    # -- dispatching and watching -------------------------------------------------------
+
+    async def wait(
+        self,
+        update_ids: Sequence[int] | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[ChannelProgress]:
+        """Drive deliveries (or watch a `serve` drive them) until these updates settle.
+
+        With no update ids: until nothing is pending anywhere. A channel found broken
+        counts as settled: its deliveries stay queued for later.
+        """
+        ids = list(update_ids) if update_ids is not None else None
+
+        async def current() -> list[ChannelProgress]:
+            return await self.store.progress(update_ids=ids)
+
+        async def settled() -> bool:
+            return all(p.pending == 0 or p.broken for p in await current())
+
+        async def tick(dispatching: bool) -> None:
+            if on_progress is not None:
+                await on_progress(await current(), dispatching)
+
+        await self.backend.drive(settled, tick)
+        final = await current()
+        if on_progress is not None:
+            await on_progress(final, False)
+        return final
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def incidents(self, *, open_only: bool = False, limit: int = 50) -> list[Incident]:
+        return await self.store.list_incidents(open_only=open_only, limit=limit)
+
+    async def incident(self, incident_id: int) -> Incident:
+        return await self.store.get_incident(incident_id)
+
+    async def progress(
+        self, incident_id: int, *, channel: str | None = None
+    ) -> list[ChannelProgress]:
+        await self.store.get_incident(incident_id)
+        return await self.store.progress(incident_id=incident_id, channel=channel)
+
+    async def deliveries(
+        self,
+        incident_id: int,
+        *,
+        channel: str | None = None,
+        states: Sequence[DeliveryState] | None = None,
+    ) -> list[Delivery]:
+        return await self.store.deliveries(incident_id=incident_id, channel=channel, states=states)
+
+    async def audit(self, incident_id: int) -> list[AuditEntry]:
+        return await self.store.audit(incident_id)
+
+    # -- templates, channels, health -------------------------------------------------------
+
+    def check_templates(self) -> list[CheckFailure]:
+        """Every template (shipped and yours) against every configured channel."""
+        failures: list[CheckFailure] = []
+        now = datetime.now(UTC)
+        for name in self.library.names():
+            spec = self.library.get(name)
+            context = RenderContext(
+                incident_id=1,
+                title="Example incident title",
+                status=IncidentStatus.INVESTIGATING,
+                impact=Impact.MAJOR,
+                components=[
+                    ComponentStatus(name=n, display_name=d, state=ComponentState.MAJOR_OUTAGE)
+                    for n, d in list(self.settings.components.items())[:3]
+                ],
+                fields=dict(spec.example),
+                next_update_at=now + timedelta(minutes=30),
+                started_at=now,
+                timezone=self.settings.timezone,
+                status_page_url=self.settings.status_page_url,
+            )
+            for channel in self.channels.values():
+                _render, problems = self.library.render_for_channel(
+                    name,
+                    channel=channel.name,
+                    family=channel.family,
+                    languages=channel.languages,
+                    limits=channel.limits,
+                    capabilities=channel.capabilities,
+                    context=context,
+                    gsm7=channel.config.gsm7,
+                )
+                failures.extend(
+                    p.model_copy(update={"message": f"template '{name}': {p.message}"})
+                    for p in problems
+                )
+        return failures
+
+    async def doctor(self) -> list[DoctorCheck]:
+        """Config valid, store reachable, secrets present, each channel's own checks."""
+        checks = [
+            DoctorCheck("config", True, str(self.settings.config_path or "defaults (no file)")),
+            DoctorCheck("store", True, self.store.engine.url.render_as_string(hide_password=True)),
+        ]
+        for name, channel in self.channels.items():
+            problems = await channel.check_config()
+            checks.append(
+                DoctorCheck(
+                    f"channel {name}",
+                    not problems,
+                    "; ".join(problems) or f"{channel.config.type}, ok",
+                )
+            )
+        template_failures = self.check_templates()
+        checks.append(
+            DoctorCheck(
+                "templates",
+                not template_failures,
+                f"{len(template_failures)} problem(s) — run `broadcaster templates check`"
+                if template_failures
+                else f"{len(self.library.names())} templates fit every channel",
+            )
+        )
+        return checks
+
+    async def write_public_site(self, channel: str, languages: list[str], out_dir: Path) -> list[Path]:
+        """Render the public side from the store and write it to `out_dir`."""
+        from broadcaster.site.render import render_site, write_site
+        from broadcaster.site.snapshot import public_state
+
+        state = await public_state(self.store, self.settings, channel=channel, languages=languages)
+        return write_site(render_site(state), out_dir)

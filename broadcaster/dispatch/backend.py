@@ -1,0 +1,115 @@
+"""The one small interface between the core and whatever drives deliveries.
+
+The embedded backend (default) runs the `Dispatcher` in this process while it holds the
+store's dispatcher lease; a process that cannot get the lease (a `serve` has it) only
+watches. A distributed backend implements the same two calls on its task engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+
+from broadcaster.config import DispatchSettings
+from broadcaster.dispatch.dispatcher import Dispatcher
+from broadcaster.store import DeliveryQueue, Store
+from broadcaster.store.queue import new_holder_id
+from channels.base import Channel
+
+log = logging.getLogger("broadcaster.dispatch")
+
+DISPATCHER_LEASE = "dispatcher"
+Predicate = Callable[[], Awaitable[bool]]
+Tick = Callable[[bool], Awaitable[None]]
+
+
+class DispatchBackend(ABC):
+    """Drives stored deliveries to a final state."""
+
+    @abstractmethod
+    def published(self) -> None:
+        """Deliveries were just stored by this process: look at them now."""
+
+    @abstractmethod
+    async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
+        """Dispatch (or watch, when another process dispatches) until `until()` is true.
+
+        `on_tick(dispatching)` is awaited between looks, for progress displays.
+        """
+
+
+class EmbeddedBackend(DispatchBackend):
+    """In-process asyncio workers, one dispatcher per store at a time (by lease)."""
+
+    def __init__(
+        self,
+        store: Store,
+        channels: Mapping[str, Channel],
+        settings: DispatchSettings,
+        *,
+        tick_seconds: float = 0.2,
+    ) -> None:
+        self.store = store
+        self.queue = DeliveryQueue(store)
+        self.channels = channels
+        self.settings = settings
+        self.tick_seconds = tick_seconds
+        self.holder = new_holder_id()
+        self._dispatcher: Dispatcher | None = None
+        # One drive at a time: a second waiter queues behind the first, whose channels
+        # are closed when it ends.
+        self._driving = asyncio.Lock()
+
+    def published(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.wake()
+
+    async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
+        async with self._driving:
+            await self._drive(until, on_tick)
+
+    async def _drive(self, until: Predicate, on_tick: Tick | None) -> None:
+        stop = asyncio.Event()
+        running: asyncio.Task[None] | None = None
+        renew_every = self.settings.lease_seconds / 3
+        loop = asyncio.get_running_loop()
+        renewed_at = 0.0
+        try:
+            while True:
+                if running is not None and running.done():
+                    running.result()  # a crashed dispatcher is an error, not a silent watch
+                if loop.time() - renewed_at >= renew_every:
+                    holds = await self.queue.acquire_lease(
+                        DISPATCHER_LEASE, self.holder, self.settings.lease_seconds
+                    )
+                    renewed_at = loop.time()
+                    if holds and running is None:
+                        # We alone dispatch this store now: whatever is `sending` was
+                        # left by a process that died mid-send.
+                        resumed = await self.queue.resume_sending(everything=True)
+                        if resumed:
+                            log.warning("resuming %d deliveries left in flight", resumed)
+                        stop = asyncio.Event()
+                        self._dispatcher = Dispatcher(self.store, self.channels, self.settings)
+                        running = asyncio.create_task(self._dispatcher.run(stop))
+                    elif not holds and running is not None:
+                        log.warning("lost the dispatcher lease; only watching now")
+                        stop.set()
+                        await running
+                        running, self._dispatcher = None, None
+                if await until():
+                    break
+                if on_tick is not None:
+                    await on_tick(running is not None)
+                await asyncio.sleep(self.tick_seconds)
+        finally:
+            if running is not None:
+                stop.set()
+                with contextlib.suppress(Exception):
+                    await running
+                self._dispatcher = None
+            with contextlib.suppress(Exception):
+                await self.queue.release_lease(DISPATCHER_LEASE, self.holder)

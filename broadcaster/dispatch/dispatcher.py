@@ -1,0 +1,250 @@
+"""In-process workers that drive deliveries to a final state.
+
+One loop per channel claims due deliveries (at most the channel's concurrency at a time)
+and sends each in its own task, through the channel's rate limits. Outcomes are written
+back in batches by one writer. A delivery's slot is freed only once its outcome is
+committed, so a killed process can re-send at most `concurrency` deliveries per channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select
+
+from broadcaster.config import DispatchSettings
+from broadcaster.dispatch.ratelimit import RateLimiters
+from broadcaster.dispatch.retry import RetryPolicy
+from broadcaster.errors import ChannelBrokenError, PermanentError, TransientError
+from broadcaster.models import ChannelRender, DeliveryState, Thread
+from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store
+from broadcaster.store.tables import ChannelHealthRow, utcnow
+from channels.base import Channel, Message, Recipient
+
+log = logging.getLogger("broadcaster.dispatch")
+
+SEND_TIMEOUT_SECONDS = 60.0
+BROKEN_RECHECK_SECONDS = 2.0
+
+
+@dataclass
+class _ChannelState:
+    unsettled: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    broken: str | None = None
+
+
+def retry_policy(channel: Channel) -> RetryPolicy:
+    config = channel.config
+    return RetryPolicy(
+        base_seconds=config.backoff_seconds,
+        max_seconds=config.backoff_max_seconds,
+        max_attempts=config.max_attempts,
+    )
+
+
+def outcome_of_failure(
+    claimed: Claimed, error: Exception, policy: RetryPolicy, now: datetime
+) -> Outcome:
+    """Turn an adapter's classified error into the delivery's next state."""
+    message = str(error) or type(error).__name__
+    if isinstance(error, PermanentError):
+        return Outcome(claimed.id, DeliveryState.FAILED, claimed.attempts, last_error=message)
+    if isinstance(error, ChannelBrokenError):
+        # Not the recipient's fault: back in the queue, and this try does not count.
+        return Outcome(
+            claimed.id,
+            DeliveryState.QUEUED,
+            claimed.attempts - 1,
+            last_error=message,
+            next_attempt_at=now,
+        )
+    retry_after = error.retry_after if isinstance(error, TransientError) else None
+    when = policy.next_attempt(
+        attempt=claimed.attempts, now=now, deadline=claimed.deadline_at, retry_after=retry_after
+    )
+    if when is None:
+        return Outcome(
+            claimed.id,
+            DeliveryState.FAILED,
+            claimed.attempts,
+            last_error=f"gave up after {claimed.attempts} attempt(s): {message}",
+        )
+    return Outcome(
+        claimed.id, DeliveryState.QUEUED, claimed.attempts, last_error=message, next_attempt_at=when
+    )
+
+
+class Dispatcher:
+    """Sends queued deliveries of the given channels until stopped."""
+
+    def __init__(
+        self,
+        store: Store,
+        channels: Mapping[str, Channel],
+        settings: DispatchSettings,
+    ) -> None:
+        self.store = store
+        self.queue = DeliveryQueue(store)
+        self.channels = dict(channels)
+        self.settings = settings
+        self.limiters = RateLimiters()
+        self._states = {name: _ChannelState() for name in self.channels}
+        self._outcomes: asyncio.Queue[tuple[str, Outcome, str | None]] = asyncio.Queue()
+        self._renders: dict[tuple[int, str], ChannelRender] = {}
+        self._sends: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Look at the queue now (a publish or retry happened in this process)."""
+        for state in self._states.values():
+            state.wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch until `stop` is set, then finish what is in flight and return."""
+        started: list[Channel] = []
+        writer: asyncio.Task[None] | None = None
+        loops: list[asyncio.Task[None]] = []
+        try:
+            for channel in self.channels.values():
+                await channel.start()
+                started.append(channel)
+            await self.queue.mark_healthy(list(self.channels))
+            writer = asyncio.create_task(self._write_outcomes(), name="outcome-writer")
+            loops = [
+                asyncio.create_task(self._channel_loop(channel), name=f"channel:{name}")
+                for name, channel in self.channels.items()
+            ]
+            await stop.wait()
+        finally:
+            self._stopping = True
+            self.wake()
+            await asyncio.gather(*loops, return_exceptions=True)
+            if self._sends:
+                await asyncio.wait(self._sends, timeout=SEND_TIMEOUT_SECONDS)
+            await self._outcomes.join()
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            for channel in started:
+                await channel.close()
+
+    async def _channel_loop(self, channel: Channel) -> None:
+        state = self._states[channel.name]
+        while not self._stopping:
+            state.wake.clear()
+            if state.broken is not None:
+                if await self._still_broken(channel.name):
+                    await self._sleep(state, BROKEN_RECHECK_SECONDS)
+                    continue
+                log.warning("%s: marked healthy again, resuming", channel.name)
+                state.broken = None
+            free = channel.concurrency - state.unsettled
+            claimed = await self.queue.claim(
+                channel.name, free, self.settings.sending_lease_seconds
+            )
+            if claimed:
+                state.unsettled += len(claimed)
+                await self._start_sends(channel, claimed)
+            if len(claimed) == free and free > 0:
+                continue  # the channel is busy: more may be due right away
+            await self._sleep(state, self.settings.poll_seconds)
+
+    async def _sleep(self, state: _ChannelState, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(state.wake.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _still_broken(self, channel: str) -> bool:
+        async with self.store.sessions() as session:
+            row = await session.scalar(
+                select(ChannelHealthRow).where(ChannelHealthRow.channel == channel)
+            )
+        return row is not None and row.broken_reason is not None
+
+    async def _start_sends(self, channel: Channel, claimed: list[Claimed]) -> None:
+        missing = {c.update_id for c in claimed if (c.update_id, channel.name) not in self._renders}
+        for update_id in missing:
+            for name, render in (await self.store.renders(update_id)).items():
+                self._renders[(update_id, name)] = render
+        threads: dict[str, Thread] = {}
+        if channel.capabilities.threads:
+            threads = await self.queue.threads([c.thread_key for c in claimed])
+        for item in claimed:
+            task = asyncio.create_task(self._send(channel, item, threads.get(item.thread_key)))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+
+    async def _send(self, channel: Channel, claimed: Claimed, thread: Thread | None) -> None:
+        broken: str | None = None
+        try:
+            message = Message(
+                render=self._renders[(claimed.update_id, channel.name)],
+                recipient=Recipient(id=claimed.recipient, language=claimed.language),
+                thread=thread,
+                incident_id=claimed.incident_id,
+                update_id=claimed.update_id,
+                delivery_key=claimed.delivery_key,
+            )
+            await self.limiters.acquire(
+                account=channel.account_key(),
+                channel=channel.name,
+                target=channel.rate_limit_target(claimed.recipient),
+                limit=channel.rate_limit,
+            )
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+                receipt = await channel.send(message)
+            outcome = Outcome(
+                claimed.id,
+                DeliveryState.DELIVERED if receipt.delivered else DeliveryState.SENT,
+                claimed.attempts,
+                provider_id=receipt.provider_id,
+                permalink=receipt.permalink,
+                provider_data=receipt.data or None,
+                sent_at=utcnow(),
+            )
+        except (TransientError, PermanentError, ChannelBrokenError) as error:
+            outcome = outcome_of_failure(claimed, error, retry_policy(channel), utcnow())
+            if isinstance(error, ChannelBrokenError):
+                broken = str(error)
+        except TimeoutError:
+            error = TransientError(f"{channel.name}: no answer within {SEND_TIMEOUT_SECONDS:.0f}s")
+            outcome = outcome_of_failure(claimed, error, retry_policy(channel), utcnow())
+        except Exception as error:  # an adapter bug must not kill the dispatcher
+            log.exception("%s: unexpected error from the adapter", channel.name)
+            wrapped = TransientError(f"{channel.name}: unexpected {type(error).__name__}")
+            outcome = outcome_of_failure(claimed, wrapped, retry_policy(channel), utcnow())
+        self._outcomes.put_nowait((channel.name, outcome, broken))
+
+    async def _write_outcomes(self) -> None:
+        while True:
+            batch = [await self._outcomes.get()]
+            while len(batch) < self.settings.flush_batch and not self._outcomes.empty():
+                batch.append(self._outcomes.get_nowait())
+            await self._settle(batch)
+            for _ in batch:
+                self._outcomes.task_done()
+
+    async def _settle(self, batch: list[tuple[str, Outcome, str | None]]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self.queue.settle([outcome for _, outcome, _ in batch])
+                break
+            except Exception:  # the store is busy or briefly gone: outcomes must not be lost
+                log.exception("could not record %d outcomes; retrying", len(batch))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for name, _outcome, broken in batch:
+            state = self._states[name]
+            state.unsettled -= 1
+            if broken is not None and state.broken is None:
+                state.broken = broken
+                log.error("%s: channel broken, its deliveries stay queued: %s", name, broken)
+                await self.queue.mark_broken(name, broken)
+            state.wake.set()

@@ -1,0 +1,349 @@
+"""Pydantic models of the vocabulary: incidents, updates, renders, checks, deliveries."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class IncidentKind(StrEnum):
+    INCIDENT = "incident"
+    MAINTENANCE = "maintenance"
+
+
+class IncidentStatus(StrEnum):
+    """Lifecycle state of an incident (the first four) or a maintenance (the last three)."""
+
+    INVESTIGATING = "investigating"
+    IDENTIFIED = "identified"
+    MONITORING = "monitoring"
+    RESOLVED = "resolved"
+    SCHEDULED = "scheduled"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (IncidentStatus.RESOLVED, IncidentStatus.COMPLETED)
+
+    @property
+    def kind(self) -> IncidentKind:
+        if self in (IncidentStatus.SCHEDULED, IncidentStatus.IN_PROGRESS, IncidentStatus.COMPLETED):
+            return IncidentKind.MAINTENANCE
+        return IncidentKind.INCIDENT
+
+
+DEFAULT_TEMPLATES = {
+    IncidentStatus.SCHEDULED: "maintenance_scheduled",
+    IncidentStatus.IN_PROGRESS: "maintenance_started",
+    IncidentStatus.COMPLETED: "maintenance_completed",
+}
+
+
+class Impact(StrEnum):
+    NONE = "none"
+    MINOR = "minor"
+    MAJOR = "major"
+    CRITICAL = "critical"
+
+
+class ComponentState(StrEnum):
+    """The component states status-page users and Statuspage-compatible clients know."""
+
+    OPERATIONAL = "operational"
+    DEGRADED_PERFORMANCE = "degraded_performance"
+    PARTIAL_OUTAGE = "partial_outage"
+    MAJOR_OUTAGE = "major_outage"
+    UNDER_MAINTENANCE = "under_maintenance"
+
+
+class DeliveryState(StrEnum):
+    """Where one delivery is: queued -> sending -> sent -> delivered, or a final failure."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    UNDELIVERED = "undelivered"
+    CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
+
+    @property
+    def is_pending(self) -> bool:
+        """Still the dispatcher's business (not settled)."""
+        return self in (DeliveryState.QUEUED, DeliveryState.SENDING)
+
+
+PENDING_STATES = (DeliveryState.QUEUED, DeliveryState.SENDING)
+FAILED_STATES = (DeliveryState.FAILED, DeliveryState.UNDELIVERED)
+
+
+class ChannelFamily(StrEnum):
+    """Which template variant a channel uses."""
+
+    SHORT = "short"  # social posts, SMS
+    CHAT = "chat"  # Slack, Telegram
+    LONG = "long"  # email, status page, webhooks
+
+
+class ChannelLimits(BaseModel):
+    """What a provider accepts in one message; None means no such limit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_graphemes: int | None = None
+    max_chars: int | None = None
+    max_sms_segments: int | None = None
+    max_subject_chars: int | None = None
+    link_length: int | None = Field(
+        default=None, description="links count as this many graphemes, whatever their length"
+    )
+
+
+class Capabilities(BaseModel):
+    """What an adapter can do beyond posting once."""
+
+    model_config = ConfigDict(frozen=True)
+
+    threads: bool = False
+    edits: bool = False
+    deletes: bool = False
+    per_recipient: bool = False
+    delivery_receipts: bool = False
+    languages: Literal["joined", "each"] = Field(
+        default="joined",
+        description="joined: one message carries every configured language; "
+        "each: one message per language (per-recipient or per-page)",
+    )
+
+
+class RateLimit(BaseModel):
+    """Token buckets: one per (channel instance, target) and one for the whole account."""
+
+    model_config = ConfigDict(frozen=True)
+
+    per_target_per_second: float | None = None
+    per_target_burst: int = 1
+    global_per_second: float | None = None
+    global_burst: int = 1
+
+
+class ComponentStatus(BaseModel):
+    name: str
+    display_name: str
+    state: ComponentState
+
+
+class UpdateRequest(BaseModel):
+    """What a person or a monitoring alert asks to publish (before it is checked and stored)."""
+
+    status: IncidentStatus
+    template: str | None = Field(default=None, description="defaults to the status name")
+    title: str | None = None
+    impact: Impact | None = None
+    components: dict[str, ComponentState] = Field(default_factory=dict)
+    fields: dict[str, str] = Field(default_factory=dict)
+    next_update_at: datetime | None = None
+    channels: list[str] | None = Field(default=None, description="None: the configured defaults")
+    publish_key: str | None = None
+    actor: str = "unknown"
+
+    @property
+    def template_name(self) -> str:
+        return self.template or DEFAULT_TEMPLATES.get(self.status, self.status.value)
+
+
+class Update(BaseModel):
+    """One published message about an incident; immutable once stored."""
+
+    id: int
+    incident_id: int
+    seq: int
+    status: IncidentStatus
+    impact: Impact
+    template: str
+    fields: dict[str, str]
+    components: dict[str, ComponentState]
+    next_update_at: datetime | None
+    publish_key: str | None
+    channels: list[str]
+    actor: str
+    created_at: datetime
+    cancelled_at: datetime | None = None
+
+
+class Incident(BaseModel):
+    id: int
+    kind: IncidentKind
+    title: str
+    status: IncidentStatus
+    impact: Impact
+    components: dict[str, ComponentState]
+    created_at: datetime
+    resolved_at: datetime | None = None
+    updates: list[Update] = Field(default_factory=list)
+
+    @property
+    def last_update(self) -> Update | None:
+        live = [u for u in self.updates if u.cancelled_at is None]
+        return live[-1] if live else None
+
+
+class Rendered(BaseModel):
+    """One update's words for one channel in one language."""
+
+    language: str
+    text: str
+    subject: str | None = None
+
+
+class Measure(BaseModel):
+    """How the text that will be sent measures against the channel's limits."""
+
+    language: str
+    graphemes: int
+    chars: int
+    sms_segments: int | None = None
+    sms_encoding: str | None = None
+
+    def describe(self) -> str:
+        parts = [f"{self.graphemes} graphemes", f"{self.chars} chars"]
+        if self.sms_segments is not None:
+            parts.append(f"{self.sms_segments} SMS segments ({self.sms_encoding})")
+        return ", ".join(parts)
+
+
+class ChannelRender(BaseModel):
+    """An update rendered for one channel instance: a variant per configured language."""
+
+    channel: str
+    family: ChannelFamily
+    template: str
+    variants: list[Rendered]
+    joined: bool = Field(description="the languages go out together in one message")
+    measures: list[Measure] = Field(default_factory=list)
+    facts: dict[str, Any] = Field(
+        default_factory=dict, description="the structured update (title, status, components…)"
+    )
+
+    def text(self, language: str | None = None) -> str:
+        """The text for one language, or every language joined (bilingual posts)."""
+        if language is not None:
+            return self.variant(language).text
+        return "\n\n".join(v.text for v in self.variants)
+
+    def subject(self, language: str | None = None) -> str | None:
+        if language is not None:
+            return self.variant(language).subject
+        subjects = [v.subject for v in self.variants if v.subject]
+        return " / ".join(subjects) if subjects else None
+
+    def variant(self, language: str) -> Rendered:
+        for v in self.variants:
+            if v.language == language:
+                return v
+        return self.variants[0]
+
+
+class CheckFailure(BaseModel):
+    """A rule an update broke, said so that a person can fix it."""
+
+    channel: str | None
+    check: str
+    message: str
+    measure: int | None = None
+    limit: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.channel}: {self.message}" if self.channel else self.message
+
+
+class Preview(BaseModel):
+    """What publishing would send: every channel's render and every failed check."""
+
+    request: UpdateRequest
+    renders: list[ChannelRender]
+    failures: list[CheckFailure]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class PostRef(BaseModel):
+    """A post on a provider, as a follow-up needs to refer to it."""
+
+    provider_id: str
+    data: dict[str, str] = Field(default_factory=dict)
+
+
+class Thread(BaseModel):
+    """Where a follow-up goes: under the first post, after the latest one."""
+
+    root: PostRef
+    parent: PostRef
+
+
+class Receipt(BaseModel):
+    """What a provider said when it accepted a message."""
+
+    provider_id: str | None = None
+    permalink: str | None = None
+    data: dict[str, str] = Field(
+        default_factory=dict, description="opaque provider data a follow-up needs (Bluesky cid…)"
+    )
+    delivered: bool = Field(
+        default=False, description="the provider confirmed receipt synchronously (webhook 2xx)"
+    )
+
+
+class Delivery(BaseModel):
+    """One update to one channel for one recipient, and where it is."""
+
+    id: int
+    update_id: int
+    incident_id: int
+    channel: str
+    recipient: str
+    language: str | None
+    delivery_key: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: datetime | None
+    provider_id: str | None
+    permalink: str | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ChannelProgress(BaseModel):
+    """Deliveries of one channel counted by state, with the failures and their reasons."""
+
+    channel: str
+    counts: dict[DeliveryState, int]
+    failures: list[Delivery] = Field(default_factory=list)
+    broken: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def pending(self) -> int:
+        return sum(self.counts.get(s, 0) for s in PENDING_STATES)
+
+
+class AuditEntry(BaseModel):
+    """Who or what did what, when."""
+
+    at: datetime
+    actor: str
+    action: str
+    incident_id: int | None
+    update_id: int | None
+    detail: dict[str, Any] = Field(default_factory=dict)

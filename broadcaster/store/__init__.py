@@ -1,0 +1,15 @@
+"""The store: SQLAlchemy 2 on SQLite (WAL) by default, PostgreSQL for scale."""
+
+from broadcaster.store.queue import Claimed, DeliveryQueue, Outcome
+from broadcaster.store.store import ChannelPlan, PublishPlan, Store, delivery_key, thread_key
+
+__all__ = [
+    "ChannelPlan",
+    "Claimed",
+    "DeliveryQueue",
+    "Outcome",
+    "PublishPlan",
+    "Store",
+    "delivery_key",
+    "thread_key",
+]

@@ -1,0 +1,152 @@
+"""SQLAlchemy 2 tables of the store. Times are stored as timezone-aware UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on SQLite (which keeps no zone) as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UtcDateTime, dict[str, Any]: JSON, list[str]: JSON}
+
+
+class IncidentRow(Base):
+    __tablename__ = "incidents"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    title: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20))
+    impact: Mapped[str] = mapped_column(String(20))
+    components: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    resolved_at: Mapped[datetime | None]
+
+
+class UpdateRow(Base):
+    __tablename__ = "updates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"), index=True)
+    seq: Mapped[int]
+    status: Mapped[str] = mapped_column(String(20))
+    impact: Mapped[str] = mapped_column(String(20))
+    template: Mapped[str] = mapped_column(String(100))
+    fields: Mapped[dict[str, Any]]
+    components: Mapped[dict[str, Any]]
+    next_update_at: Mapped[datetime | None]
+    publish_key: Mapped[str | None] = mapped_column(String(500), unique=True)
+    channels: Mapped[list[str]]
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    cancelled_at: Mapped[datetime | None]
+
+
+class RenderRow(Base):
+    """What was previewed is what is sent: each update's render per channel, stored once."""
+
+    __tablename__ = "renders"
+
+    update_id: Mapped[int] = mapped_column(ForeignKey("updates.id"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    render: Mapped[dict[str, Any]]
+
+
+class DeliveryRow(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_due", "channel", "state", "next_attempt_at"),
+        Index("ix_deliveries_thread", "thread_key", "seq"),
+        Index("ix_deliveries_update_state", "update_id", "state"),
+        Index("ix_deliveries_incident", "incident_id", "channel"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    update_id: Mapped[int] = mapped_column(ForeignKey("updates.id"))
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"))
+    seq: Mapped[int] = mapped_column(Integer, doc="the update's seq, for order per thread")
+    channel: Mapped[str] = mapped_column(String(100))
+    recipient: Mapped[str] = mapped_column(String(300))
+    language: Mapped[str | None] = mapped_column(String(20))
+    delivery_key: Mapped[str] = mapped_column(String(64), unique=True)
+    thread_key: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None]
+    lease_until: Mapped[datetime | None]
+    deadline_at: Mapped[datetime]
+    provider_id: Mapped[str | None] = mapped_column(String(300))
+    permalink: Mapped[str | None] = mapped_column(Text)
+    provider_data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+
+
+class AuditRow(Base):
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(50))
+    incident_id: Mapped[int | None] = mapped_column(index=True)
+    update_id: Mapped[int | None]
+    detail: Mapped[dict[str, Any]]
+
+
+class LeaseRow(Base):
+    """Who holds a named role (the dispatcher) until when."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime]
+
+
+class ChannelHealthRow(Base):
+    """A channel found broken (credentials refused), so the operator sees why it stopped."""
+
+    __tablename__ = "channel_health"
+
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    broken_reason: Mapped[str | None] = mapped_column(Text)
+    broken_at: Mapped[datetime | None]

@@ -1,0 +1,187 @@
+"""How the CLI shows things: rich tables and panels, and their --json twins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from broadcaster.models import (
+    AuditEntry,
+    ChannelProgress,
+    Delivery,
+    DeliveryState,
+    Incident,
+    Preview,
+)
+
+if TYPE_CHECKING:
+    from broadcaster.core import Broadcaster
+
+_STATE_STYLE = {
+    DeliveryState.QUEUED: "yellow",
+    DeliveryState.SENDING: "cyan",
+    DeliveryState.SENT: "green",
+    DeliveryState.DELIVERED: "bold green",
+    DeliveryState.FAILED: "bold red",
+    DeliveryState.UNDELIVERED: "red",
+    DeliveryState.CANCELLED: "magenta",
+    DeliveryState.SUPERSEDED: "dim",
+}
+
+
+_ALWAYS_SHOWN = (DeliveryState.QUEUED, DeliveryState.SENDING, DeliveryState.FAILED)
+
+
+def progress_table(progress: Sequence[ChannelProgress], *, title: str | None = None) -> Table:
+    """Deliveries per channel, counted by state (states nobody is in are left out)."""
+    states = [
+        s for s in DeliveryState
+        if s in _ALWAYS_SHOWN or any(p.counts.get(s) for p in progress)
+    ]
+    table = Table(title=title, title_justify="left")
+    table.add_column("channel", style="bold", no_wrap=True)
+    for state in states:
+        table.add_column(state.value, justify="right", style=_STATE_STYLE[state])
+    table.add_column("note")
+    for item in progress:
+        note = Text(f"broken: {item.broken}", style="bold red") if item.broken else Text("")
+        if not item.broken and item.pending:
+            note = Text("in progress", style="cyan")
+        table.add_row(
+            item.channel, *[str(item.counts.get(state, 0) or "") for state in states], note
+        )
+    if not progress:
+        table.add_row("(no deliveries)", *[""] * (len(states) + 1))
+    return table
+
+
+def failures_table(deliveries: Sequence[Delivery]) -> Table:
+    table = Table(title="failed deliveries", title_justify="left")
+    for column in ("id", "channel", "recipient", "attempts", "last error"):
+        table.add_column(column)
+    for d in deliveries:
+        table.add_row(str(d.id), d.channel, d.recipient or "(audience)", str(d.attempts),
+                      d.last_error or "")
+    return table
+
+
+def preview_view(preview: Preview, *, max_lines: int | None = None) -> RenderableType:
+    """Each channel's text exactly as it will go out, its measures, and failed checks.
+
+    `max_lines` shortens long texts (the demo); a real preview shows everything."""
+    parts: list[RenderableType] = []
+    for render in preview.renders:
+        measures = " | ".join(f"{m.language}: {m.describe()}" for m in render.measures)
+        text = render.text() if render.joined else "\n\n".join(
+            f"[{v.language}] {v.text}" for v in render.variants
+        )
+        if max_lines is not None and text.count("\n") >= max_lines:
+            text = "\n".join(text.splitlines()[:max_lines]) + "\n…"
+        body = Text(text)
+        subject = render.subject()
+        if subject:
+            body = Text.assemble(Text(f"Subject: {subject}\n\n", style="bold"), body)
+        parts.append(
+            Panel(
+                body,
+                title=f"{render.channel} ({render.family.value}, template {render.template})",
+                subtitle=measures,
+                title_align="left",
+                subtitle_align="left",
+            )
+        )
+    if preview.failures:
+        failed = Text("Checks failed:\n", style="bold red")
+        for failure in preview.failures:
+            failed.append(f"  ✗ {failure}\n", style="red")
+        parts.append(failed)
+    else:
+        parts.append(Text("✓ all checks passed", style="green"))
+    return Group(*parts)
+
+
+def incidents_table(incidents: Sequence[Incident]) -> Table:
+    table = Table()
+    for column in ("id", "title", "status", "impact", "opened", "resolved"):
+        table.add_column(column)
+    for i in incidents:
+        table.add_row(
+            f"#{i.id}",
+            i.title,
+            i.status.value,
+            i.impact.value,
+            f"{i.created_at:%Y-%m-%d %H:%M}",
+            f"{i.resolved_at:%Y-%m-%d %H:%M}" if i.resolved_at else "",
+        )
+    return table
+
+
+def incident_view(incident: Incident, audit: Sequence[AuditEntry]) -> RenderableType:
+    head = Text.assemble(
+        (f"#{incident.id} {incident.title}\n", "bold"),
+        f"{incident.kind.value}, {incident.status.value}, impact {incident.impact.value}, "
+        f"opened {incident.created_at:%Y-%m-%d %H:%M} UTC",
+    )
+    if incident.components:
+        head.append("\ncomponents: " + ", ".join(
+            f"{name}={state.value}" for name, state in incident.components.items()
+        ))
+    updates = Table(title="updates", title_justify="left")
+    for column in ("update", "at", "status", "template", "next update", "by", "note"):
+        updates.add_column(column)
+    for u in incident.updates:
+        updates.add_row(
+            f"#{u.id}",
+            f"{u.created_at:%H:%M:%S}",
+            u.status.value,
+            u.template,
+            f"{u.next_update_at:%H:%M}" if u.next_update_at else "",
+            u.actor,
+            "cancelled" if u.cancelled_at else "",
+        )
+    trail = Table(title="audit trail", title_justify="left")
+    for column in ("at", "actor", "action", "update", "detail"):
+        trail.add_column(column)
+    for entry in audit:
+        detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items() if v is not None)
+        trail.add_row(f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.actor, entry.action,
+                      f"#{entry.update_id}" if entry.update_id else "", detail)
+    return Group(head, updates, trail)
+
+
+def progress_json(progress: Sequence[ChannelProgress]) -> list[dict[str, Any]]:
+    return [
+        {
+            "channel": p.channel,
+            "counts": {s.value: n for s, n in p.counts.items()},
+            "broken": p.broken,
+            "failures": [
+                {"id": d.id, "recipient": d.recipient, "attempts": d.attempts,
+                 "last_error": d.last_error, "state": d.state.value}
+                for d in p.failures
+            ],
+        }
+        for p in progress
+    ]
+
+
+async def watch_deliveries(
+    broadcaster: Broadcaster, update_ids: Sequence[int] | None, console: Console
+) -> list[ChannelProgress]:
+    """Drive (or watch) deliveries with a live per-channel table until they settle."""
+    ids = list(update_ids) if update_ids is not None else None
+    with Live(progress_table([]), console=console, refresh_per_second=8) as live:
+
+        async def show(progress: list[ChannelProgress], dispatching: bool) -> None:
+            who = "dispatching" if dispatching else "watching (another process dispatches)"
+            live.update(progress_table(progress, title=f"deliveries — {who}"))
+
+        final = await broadcaster.wait(ids, show)
+        live.update(progress_table(final, title="deliveries"))
+    return final

@@ -1,0 +1,287 @@
+"""The channel contract: an adapter declares what it is and can do; the core does the rest once.
+
+An adapter subclasses `Channel`, declares its family, limits, capabilities, default rate
+limit and a pydantic config model, and implements `send`. It classifies every provider
+failure into one of `TransientError` (with `retry_after` when the provider says so),
+`PermanentError` or `ChannelBrokenError`; nothing else may escape `send`. Adapters are
+found through the `broadcaster.channels` entry-point group and import their SDK lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr
+
+from broadcaster.errors import (
+    ChannelBrokenError,
+    DeliveryError,
+    PermanentError,
+    TransientError,
+)
+from broadcaster.models import (
+    Capabilities,
+    ChannelFamily,
+    ChannelLimits,
+    ChannelRender,
+    RateLimit,
+    Receipt,
+    Thread,
+)
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = [
+    "Channel",
+    "ChannelBrokenError",
+    "ChannelConfig",
+    "ChannelContext",
+    "DeliveryError",
+    "HttpChannel",
+    "Message",
+    "PermanentError",
+    "Recipient",
+    "SecretRef",
+    "TransientError",
+    "classify_http_status",
+]
+
+
+class SecretRef(BaseModel):
+    """Where a secret lives: an environment variable or a file. Never the secret itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str | None = None
+    file: Path | None = None
+
+    def resolve(self, base_dir: Path) -> SecretStr | None:
+        """The secret, or None when the variable is unset or the file is missing.
+
+        A relative file is relative to `base_dir` (the config file's folder)."""
+        if self.env:
+            value = os.environ.get(self.env)
+            if value:
+                return SecretStr(value.strip())
+        if self.file:
+            path = self.file if self.file.is_absolute() else base_dir / self.file
+            if path.is_file():
+                return SecretStr(path.read_text().strip())
+        return None
+
+    def describe(self) -> str:
+        where = [f"environment variable {self.env}" if self.env else "", str(self.file or "")]
+        return " or file ".join(w for w in where if w) or "nowhere"
+
+
+class ChannelConfig(BaseModel):
+    """Settings every channel instance has; adapters extend it with their own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
+    concurrency: PositiveInt | None = Field(
+        default=None, description="deliveries in flight at once; default: the adapter's"
+    )
+    rate_limit: RateLimit | None = Field(default=None, description="default: the adapter's")
+    deadline_seconds: PositiveFloat = Field(
+        default=3600, description="give up retrying a delivery this long after it was queued"
+    )
+    max_attempts: PositiveInt = 10
+    backoff_seconds: PositiveFloat = Field(default=2.0, description="first retry delay")
+    backoff_max_seconds: PositiveFloat = 300.0
+    gsm7: bool = Field(
+        default=False,
+        description="transliterate to the GSM-7 alphabet (ê -> e) so SMS cost fewer segments",
+    )
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Someone a channel delivers to: a target of its own audience, or a subscriber."""
+
+    id: str
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One delivery as the adapter sees it."""
+
+    render: ChannelRender
+    recipient: Recipient
+    thread: Thread | None
+    incident_id: int
+    update_id: int
+    delivery_key: str
+
+
+# (channel name, languages, output folder) -> files written
+PublicSiteWriter = Callable[[str, list[str], Path], Awaitable[list[Path]]]
+
+
+@dataclass
+class ChannelContext:
+    """What the core lends an adapter: where relative paths start, where to keep files,
+    and the writer of the public site (rendered from the store by broadcaster/site)."""
+
+    base_dir: Path
+    data_dir: Path
+    write_public_site: PublicSiteWriter | None = None
+
+
+class Channel(ABC):
+    """One configured channel instance of an adapter."""
+
+    family: ClassVar[ChannelFamily]
+    limits: ClassVar[ChannelLimits] = ChannelLimits()
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    default_rate_limit: ClassVar[RateLimit] = RateLimit()
+    default_concurrency: ClassVar[int] = 8
+    config_model: ClassVar[type[ChannelConfig]] = ChannelConfig
+
+    def __init__(self, name: str, config: ChannelConfig, context: ChannelContext) -> None:
+        self.name = name
+        self.config = config
+        self.context = context
+
+    @property
+    def languages(self) -> list[str]:
+        return self.config.languages
+
+    @property
+    def concurrency(self) -> int:
+        return self.config.concurrency or self.default_concurrency
+
+    @property
+    def rate_limit(self) -> RateLimit:
+        return self.config.rate_limit or self.default_rate_limit
+
+    def recipients(self) -> list[Recipient]:
+        """The channel's own audience; per-recipient channels list their targets."""
+        return [Recipient(id="")]
+
+    def rate_limit_target(self, recipient: str) -> str:
+        """The key the provider limits by (Slack channel, Telegram chat, sender)."""
+        return recipient
+
+    def account_key(self) -> str:
+        """Deliveries sharing this key share the global bucket (one provider account)."""
+        return self.name
+
+    def secrets(self) -> Mapping[str, SecretRef]:
+        """Secrets this instance needs, by config key, for `doctor`."""
+        return {}
+
+    def secret(self, ref: SecretRef) -> SecretStr | None:
+        """Resolve one of this channel's secrets (files relative to the config's folder)."""
+        return ref.resolve(self.context.base_dir)
+
+    async def start(self) -> None:
+        """Open connections inside the running event loop."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    @abstractmethod
+    async def send(self, message: Message) -> Receipt:
+        """Deliver one rendered update; raise a `DeliveryError` subclass on failure."""
+
+    async def edit(self, provider_id: str, message: Message) -> Receipt:
+        raise PermanentError(f"{self.name}: this channel cannot edit posts")
+
+    async def delete(self, provider_id: str, recipient: Recipient) -> None:
+        raise PermanentError(f"{self.name}: this channel cannot delete posts")
+
+    async def check_config(self) -> list[str]:
+        """Problems with this instance's configuration (missing secrets, bad targets)."""
+        return [
+            f"{self.name}: secret '{key}' not found in {ref.describe()}"
+            for key, ref in self.secrets().items()
+            if self.secret(ref) is None
+        ]
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse an HTTP Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    from datetime import UTC, datetime
+
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def classify_http_status(status: int, retry_after: str | None, what: str) -> DeliveryError:
+    """Map an HTTP failure status to our error classes, the way most providers mean them."""
+    message = f"{what}: HTTP {status}"
+    if status == 429 or status == 408 or status >= 500:
+        return TransientError(message, retry_after=retry_after_seconds(retry_after))
+    if status in (401, 403):
+        return ChannelBrokenError(f"{message} (credentials refused)")
+    return PermanentError(message)
+
+
+class HttpChannel(Channel):
+    """A channel that talks HTTP with aiohttp: one shared session, created inside the loop."""
+
+    request_timeout_seconds: ClassVar[float] = 10.0
+    _session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout_seconds),
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+            )
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"{self.name}: start() was not awaited")
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def post_json(
+        self, url: str, body: bytes, headers: Mapping[str, str], *, what: str
+    ) -> tuple[int, str]:
+        """POST a JSON body; return (status, text) on 2xx, raise a classified error otherwise."""
+        import asyncio
+
+        import aiohttp
+
+        try:
+            async with self.session.post(
+                url, data=body, headers={"Content-Type": "application/json", **headers}
+            ) as response:
+                text = await response.text()
+                if response.status >= 300:
+                    raise classify_http_status(
+                        response.status, response.headers.get("Retry-After"), what
+                    )
+                return response.status, text
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # A dropped connection may or may not have delivered: retry, the delivery key
+            # lets the receiver recognise the duplicate.
+            raise TransientError(f"{what}: {type(exc).__name__}") from exc

@@ -1,0 +1,273 @@
+"""The delivery state machine, driven through the real webhook adapter against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+from broadcaster.core import Broadcaster
+from broadcaster.models import DeliveryState, IncidentStatus, UpdateRequest
+from broadcaster.sandbox import Behaviour, WebhookReceiver
+from tests.conftest import MakeBroadcaster, targets, webhook_channel
+
+
+def opening(**extra: object) -> UpdateRequest:
+    return UpdateRequest(
+        status=IncidentStatus.INVESTIGATING,
+        title="Payments fail",
+        fields={"summary": "Card payments fail for some users."},
+        actor="test",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def resolving() -> UpdateRequest:
+    return UpdateRequest(status=IncidentStatus.RESOLVED, actor="test")
+
+
+def states(progress: list, channel: str) -> dict[DeliveryState, int]:  # type: ignore[type-arg]
+    return next(p.counts for p in progress if p.channel == channel)
+
+
+async def publish_and_wait(b: Broadcaster, request: UpdateRequest, incident: int | None = None):  # type: ignore[no-untyped-def]
+    result = await b.publish(request, incident)
+    progress = await asyncio.wait_for(b.wait([result.update.id]), timeout=30)
+    return result, progress
+
+
+async def test_429_retry_after_is_honoured(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    receiver.script("a", Behaviour(status=429, retry_after=1.5, times=1))
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"])})
+    _, progress = await publish_and_wait(b, opening())
+    assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1}
+    first, second = receiver.attempts
+    assert first.status == 429 and second.status == 200
+    assert second.at - first.at >= 1.5 - 0.05  # not earlier than the provider asked
+
+
+async def test_5xx_is_retried_with_growing_backoff(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    receiver.script("a", Behaviour(status=503, times=3))
+    b = await make_broadcaster(
+        {"hooks": webhook_channel(receiver, ["a"], backoff_seconds=0.2, backoff_max_seconds=5)}
+    )
+    _, progress = await publish_and_wait(b, opening())
+    assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1}
+    times = [a.at for a in receiver.attempts]
+    assert [a.status for a in receiver.attempts] == [503, 503, 503, 200]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    # Equal jitter: attempt n waits between half and all of 0.2 * 2^(n-1).
+    assert gaps[0] >= 0.1 - 0.02
+    assert gaps[2] >= 0.4 - 0.02
+    delivery = (await b.deliveries(1))[0]
+    assert delivery.attempts == 4
+
+
+async def test_permanent_error_is_not_retried(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    receiver.script("gone", Behaviour(status=410))
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["gone", "ok"])})
+    _, progress = await publish_and_wait(b, opening())
+    assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1, DeliveryState.FAILED: 1}
+    assert len([a for a in receiver.attempts if a.path.endswith("gone")]) == 1
+    failed = await b.deliveries(1, states=[DeliveryState.FAILED])
+    assert failed[0].recipient == "gone"
+    assert failed[0].last_error == "hooks → gone: HTTP 410"
+
+
+async def test_deadline_fails_the_delivery_with_its_last_error(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    receiver.script("down", Behaviour(status=503))
+    b = await make_broadcaster(
+        {"hooks": webhook_channel(receiver, ["down"], backoff_seconds=0.2, deadline_seconds=1)}
+    )
+    _, progress = await publish_and_wait(b, opening())
+    assert states(progress, "hooks") == {DeliveryState.FAILED: 1}
+    (failed,) = await b.deliveries(1)
+    assert failed.last_error is not None
+    assert "gave up" in failed.last_error and "HTTP 503" in failed.last_error
+    assert 2 <= failed.attempts <= 6
+
+
+async def test_dropped_connection_is_retried(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    receiver.script("flaky", Behaviour(drop=True, times=1))
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["flaky"])})
+    _, progress = await publish_and_wait(b, opening())
+    assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1}
+    assert [a.status for a in receiver.attempts] == [None, 200]
+
+
+async def test_channel_broken_stops_the_channel_and_keeps_its_deliveries_queued(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    for name in targets(5, "bad"):
+        receiver.script(name, Behaviour(status=401))
+    b = await make_broadcaster(
+        {
+            "broken": webhook_channel(receiver, targets(5, "bad"), concurrency=1),
+            "healthy": webhook_channel(receiver, targets(20, "good")),
+        }
+    )
+    _, progress = await publish_and_wait(b, opening())
+    broken = next(p for p in progress if p.channel == "broken")
+    assert broken.broken is not None and "credentials refused" in broken.broken
+    assert broken.counts == {DeliveryState.QUEUED: 5}  # none failed, none lost
+    assert states(progress, "healthy") == {DeliveryState.DELIVERED: 20}
+    # The channel stopped after its first refusal instead of trying every recipient.
+    assert len([a for a in receiver.attempts if "bad" in a.path]) == 1
+    (queued, *_) = await b.deliveries(1, channel="broken")
+    assert queued.attempts == 0  # the refused try does not count against the recipient
+
+
+async def test_one_slow_channel_does_not_delay_another(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    for name in targets(4, "slow"):
+        receiver.script(name, Behaviour(delay=2.0))
+    b = await make_broadcaster(
+        {
+            "slow": webhook_channel(receiver, targets(4, "slow"), concurrency=1),
+            "fast": webhook_channel(receiver, targets(50, "fast")),
+        }
+    )
+    started = time.time()
+    result = await b.publish(opening())
+    waiting = asyncio.create_task(b.wait([result.update.id]))
+    await receiver.wait_for(50, timeout=5)
+    fast = [r for r in receiver.received if "fast" in r.path]
+    assert len(fast) == 50
+    assert max(r.at for r in fast) - started < 1.5  # the slow channel's 8 s did not matter
+    waiting.cancel()
+
+
+async def test_resolved_supersedes_investigating_not_yet_sent(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    names = targets(6, "r")
+    receiver.default(Behaviour(delay=0.5))
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, names, concurrency=1)})
+    first = await b.publish(opening())
+    waiting = asyncio.create_task(b.wait([first.update.id]))
+    await receiver.wait_for(1, timeout=5)  # the first recipient got "investigating"
+    resolved = await b.publish(resolving(), first.incident.id)
+    waiting.cancel()
+    await asyncio.wait_for(b.wait([first.update.id, resolved.update.id]), timeout=30)
+
+    by_target: dict[str, list[str]] = defaultdict(list)
+    for r in receiver.received:
+        assert r.body is not None
+        by_target[r.path.rsplit("/", 1)[1]].append(r.body["status"])
+    # Nobody received "investigating" after "resolved"; those not reached got only "resolved".
+    for statuses in by_target.values():
+        assert statuses[-1] == "resolved"
+        assert statuses in (["resolved"], ["investigating", "resolved"])
+    assert sum(1 for s in by_target.values() if s == ["resolved"]) >= 3
+    superseded = await b.deliveries(first.incident.id, states=[DeliveryState.SUPERSEDED])
+    assert len(superseded) == sum(1 for s in by_target.values() if s == ["resolved"])
+
+
+async def test_followup_waits_for_the_post_in_flight_of_its_thread(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    receiver.script("a", Behaviour(delay=1.0, times=1))
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"], concurrency=4)})
+    first = await b.publish(opening())
+    waiting = asyncio.create_task(b.wait([first.update.id]))
+    while not receiver.attempts:  # "investigating" is in flight (slow receiver)
+        await asyncio.sleep(0.01)
+    second = await b.publish(
+        UpdateRequest(
+            status=IncidentStatus.IDENTIFIED,
+            fields={"summary": "A bad deploy."},
+            actor="test",
+        ),
+        first.incident.id,
+    )
+    await asyncio.wait_for(b.wait([first.update.id, second.update.id]), timeout=10)
+    waiting.cancel()
+    answered = [r.body["status"] for r in receiver.received if r.body]
+    assert answered == ["investigating", "identified"]
+    first_answer, second_seen = receiver.received[0].at, receiver.attempts[1].at
+    assert second_seen >= first_answer - 0.01  # not sent while the first was in flight
+
+
+async def test_cancel_mid_fanout_stops_the_rest(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    receiver.default(Behaviour(delay=0.05))
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, targets(200), concurrency=2)})
+    result = await b.publish(opening())
+    waiting = asyncio.create_task(b.wait([result.update.id]))
+    await receiver.wait_for(10, timeout=10)
+    cancelled = await b.cancel(result.update.id, actor="test")
+    progress = await asyncio.wait_for(waiting, timeout=10)
+    counts = states(progress, "hooks")
+    assert counts[DeliveryState.CANCELLED] == cancelled
+    assert cancelled >= 150
+    assert counts[DeliveryState.DELIVERED] + cancelled == 200
+    assert len(receiver.received) == counts[DeliveryState.DELIVERED]
+    incident = await b.incident(result.incident.id)
+    assert incident.updates[0].cancelled_at is not None
+    assert [e.action for e in await b.audit(result.incident.id)] == ["publish", "cancel"]
+
+
+async def test_retry_sends_failed_deliveries_again(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    receiver.script("a", Behaviour(status=410, times=1))
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a", "b"])})
+    result, progress = await publish_and_wait(b, opening())
+    assert states(progress, "hooks")[DeliveryState.FAILED] == 1
+    requeued, skipped = await b.retry(result.incident.id, channel=None, actor="test")
+    assert (requeued, skipped) == (1, 0)
+    progress = await asyncio.wait_for(b.wait([result.update.id]), timeout=10)
+    assert states(progress, "hooks") == {DeliveryState.DELIVERED: 2}
+
+
+async def test_publish_key_seen_twice_sends_nothing_new(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"])})
+    first, _ = await publish_and_wait(b, opening(publish_key="alertgroup-1|2026-11-26T08:00Z|firing"))
+    again, _ = await publish_and_wait(b, opening(publish_key="alertgroup-1|2026-11-26T08:00Z|firing"))
+    assert first.new and not again.new
+    assert again.update.id == first.update.id
+    assert len(receiver.attempts) == 1
+
+    resolved = await b.publish(
+        UpdateRequest(status=IncidentStatus.RESOLVED, actor="test",
+                      publish_key="alertgroup-1|2026-11-26T08:00Z|resolved"),
+        first.incident.id,
+    )
+    assert resolved.incident.id == first.incident.id
+    # The same alert firing again after it resolved (a new startsAt) is a new incident.
+    refired = await b.publish(opening(publish_key="alertgroup-1|2026-11-26T09:30Z|firing"))
+    assert refired.new and refired.incident.id != first.incident.id
+
+
+async def test_webhooks_are_signed_and_carry_the_delivery_key(
+    tmp_path: object, make_broadcaster: MakeBroadcaster, monkeypatch: object
+) -> None:
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    async with WebhookReceiver(secret=secret) as sim:
+        monkeypatch.setenv("HOOK_SECRET", secret)  # type: ignore[attr-defined]
+        b = await make_broadcaster(
+            {"hooks": webhook_channel(sim, ["a", "b"], secret={"env": "HOOK_SECRET"})}
+        )
+        result, _ = await publish_and_wait(b, opening())
+        keys = {d.delivery_key for d in await b.deliveries(result.incident.id)}
+        assert {r.webhook_id for r in sim.received} == keys
+        assert all(r.signature_valid for r in sim.received)
+        body = sim.received[0].body
+        assert body is not None
+        assert body["incident_id"] == result.incident.id
+        assert body["status"] == "investigating"
+        assert "Card payments fail" in body["texts"]["en"]["text"]
