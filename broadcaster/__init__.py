@@ -59,7 +59,30 @@ _EXPORTS = {
     "UpdateRequest": "broadcaster.models",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Broadcaster",
+    "BroadcasterError",
+    "ChannelBrokenError",
+    "ChannelProgress",
+    "CheckFailedError",
+    "ComponentState",
+    "ConfigError",
+    "Delivery",
+    "DeliveryState",
+    "DoctorCheck",
+    "Impact",
+    "Incident",
+    "IncidentStatus",
+    "NotFoundError",
+    "PermanentError",
+    "Preview",
+    "PublishResult",
+    "Settings",
+    "TransientError",
+    "Update",
+    "UpdateRequest",
+    "load_settings",
+]
 __version__ = "0.1.0"
 
 

@@ -48,10 +48,12 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would go out;
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 Channels = Annotated[
-    list[str] | None, typer.Option("--channel", metavar="NAME", help="Channel to publish to (repeatable).")
+    list[str] | None,
+    typer.Option("--channel", metavar="NAME", help="Channel to publish to (repeatable)."),
 ]
 Fields = Annotated[
-    list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Template field (repeatable).")
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Template field (repeatable)."),
 ]
 Components = Annotated[
     list[str] | None,
@@ -63,12 +65,20 @@ Components = Annotated[
     ),
 ]
 NextUpdate = Annotated[
-    str | None, typer.Option("--next-update", metavar="DURATION", help="Promise the next update in 30m, 1h…")
+    str | None,
+    typer.Option("--next-update", metavar="DURATION", help="Promise the next update in 30m, 1h…"),
 ]
-ImpactOption = Annotated[str | None, typer.Option("--impact", metavar="IMPACT", help="none, minor, major or critical")]
-Template = Annotated[str | None, typer.Option("--template", metavar="NAME", help="Template (default: the status)")]
+ImpactOption = Annotated[
+    str | None, typer.Option("--impact", metavar="IMPACT", help="none, minor, major or critical")
+]
+Template = Annotated[
+    str | None, typer.Option("--template", metavar="NAME", help="Template (default: the status)")
+]
 PublishKey = Annotated[
-    str | None, typer.Option("--publish-key", metavar="KEY", help="Publishing the same key twice sends nothing.")
+    str | None,
+    typer.Option(
+        "--publish-key", metavar="KEY", help="Publishing the same key twice sends nothing."
+    ),
 ]
 NoWait = Annotated[
     bool, typer.Option("--no-wait", help="Store and return; leave dispatch to `serve`/`dispatch`.")
@@ -250,7 +260,9 @@ async def _watch(
 
 @app.command("open")
 def open_incident(
-    title: Annotated[str, typer.Option("--title", metavar="TEXT", help="What is broken, for everyone to read.")],
+    title: Annotated[
+        str, typer.Option("--title", metavar="TEXT", help="What is broken, for everyone to read.")
+    ],
     status: Annotated[str, typer.Option(help="investigating, identified or monitoring")] = (
         "investigating"
     ),
@@ -267,11 +279,22 @@ def open_incident(
     as_json: AsJson = False,
 ) -> None:
     """Open an incident and publish its first update."""
-    request = _request(status=status, title=title, template=template, impact=impact,
-                       components=component, fields=set_, next_update=next_update,
-                       channels=channel, publish_key=publish_key)
-    run(lambda b: _publish_flow(b, request, None, dry_run=dry_run, yes=yes, wait=not no_wait,
-                                as_json=as_json))
+    request = _request(
+        status=status,
+        title=title,
+        template=template,
+        impact=impact,
+        components=component,
+        fields=set_,
+        next_update=next_update,
+        channels=channel,
+        publish_key=publish_key,
+    )
+    run(
+        lambda b: _publish_flow(
+            b, request, None, dry_run=dry_run, yes=yes, wait=not no_wait, as_json=as_json
+        )
+    )
 
 
 @app.command("update")
@@ -292,11 +315,22 @@ def update_incident(
     as_json: AsJson = False,
 ) -> None:
     """Publish a follow-up update of an incident (threaded under its first post)."""
-    request = _request(status=status, title=title, template=template, impact=impact,
-                       components=component, fields=set_, next_update=next_update,
-                       channels=channel, publish_key=publish_key)
-    run(lambda b: _publish_flow(b, request, incident_id, dry_run=dry_run, yes=yes,
-                                wait=not no_wait, as_json=as_json))
+    request = _request(
+        status=status,
+        title=title,
+        template=template,
+        impact=impact,
+        components=component,
+        fields=set_,
+        next_update=next_update,
+        channels=channel,
+        publish_key=publish_key,
+    )
+    run(
+        lambda b: _publish_flow(
+            b, request, incident_id, dry_run=dry_run, yes=yes, wait=not no_wait, as_json=as_json
+        )
+    )
 
 
 @app.command("resolve")
@@ -313,11 +347,22 @@ def resolve_incident(
     as_json: AsJson = False,
 ) -> None:
     """Resolve an incident: every affected component back to operational unless told."""
-    request = _request(status="resolved", title=None, template=template, impact=None,
-                       components=component, fields=set_, next_update=None, channels=channel,
-                       publish_key=publish_key)
-    run(lambda b: _publish_flow(b, request, incident_id, dry_run=dry_run, yes=yes,
-                                wait=not no_wait, as_json=as_json))
+    request = _request(
+        status="resolved",
+        title=None,
+        template=template,
+        impact=None,
+        components=component,
+        fields=set_,
+        next_update=None,
+        channels=channel,
+        publish_key=publish_key,
+    )
+    run(
+        lambda b: _publish_flow(
+            b, request, incident_id, dry_run=dry_run, yes=yes, wait=not no_wait, as_json=as_json
+        )
+    )
 
 
 @app.command("dispatch")
@@ -362,8 +407,12 @@ def show_incident(
 
     incident, audit = run(work)
     if as_json:
-        _print_json({**incident.model_dump(mode="json"),
-                     "audit": [a.model_dump(mode="json") for a in audit]})
+        _print_json(
+            {
+                **incident.model_dump(mode="json"),
+                "audit": [a.model_dump(mode="json") for a in audit],
+            }
+        )
     else:
         console().print(incident_view(incident, audit))
 
@@ -415,8 +464,9 @@ def retry(
         out = console()
         out.print(f"requeued {requeued} failed deliveries")
         if skipped:
-            out.print(f"[dim]skipped {skipped} of older updates (the latest update supersedes "
-                      "them)[/]")
+            out.print(
+                f"[dim]skipped {skipped} of older updates (the latest update supersedes them)[/]"
+            )
         if requeued and not no_wait:
             await _watch(b, None)
 
@@ -466,8 +516,9 @@ def templates_list() -> None:
             table.add_column(column)
         for name in b.library.names():
             spec = b.library.get(name)
-            table.add_row(name, ", ".join(spec.required), ", ".join(spec.optional),
-                          spec.description)
+            table.add_row(
+                name, ", ".join(spec.required), ", ".join(spec.optional), spec.description
+            )
         return table
 
     console().print(run(work))
@@ -528,8 +579,14 @@ def list_channels() -> None:
         for name, ch in b.channels.items():
             limits = ", ".join(f"{k}={v}" for k, v in ch.limits.model_dump().items() if v)
             default = name in (b.settings.default_channels or list(b.channels))
-            table.add_row(name, ch.config.type, ch.family.value, ", ".join(ch.languages),
-                          limits or "-", "yes" if default else "")
+            table.add_row(
+                name,
+                ch.config.type,
+                ch.family.value,
+                ", ".join(ch.languages),
+                limits or "-",
+                "yes" if default else "",
+            )
         return table
 
     console().print(run(work))
@@ -558,8 +615,9 @@ def init(
     if target.exists() and not force:
         raise fail(f"{target} exists — pass --force to overwrite it")
     target.write_text(STARTER_CONFIG)
-    console().print(f"wrote {target}\nnext: `broadcaster doctor`, then "
-                    "`broadcaster open --title ... --dry-run`")
+    console().print(
+        f"wrote {target}\nnext: `broadcaster doctor`, then `broadcaster open --title ... --dry-run`"
+    )
 
 
 @app.command("demo")

@@ -24,7 +24,9 @@ from pydantic_settings import (
 from broadcaster.errors import ConfigError
 
 CONFIG_FILE_NAME = "broadcaster.toml"
-_DURATION = re.compile(r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m(?:in)?)?\s*(?:(\d+)\s*s)?\s*$")
+_DURATION = re.compile(
+    r"^\s*(?:(\d+)\s*d)?\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m(?:in)?)?\s*(?:(\d+)\s*s)?\s*$"
+)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -45,7 +47,9 @@ class DispatchSettings(BaseModel):
     sending_lease_seconds: float = Field(
         default=120.0, gt=1, description="a delivery left 'sending' this long is resumed"
     )
-    poll_seconds: float = Field(default=0.25, gt=0, description="idle wait between looks at the queue")
+    poll_seconds: float = Field(
+        default=0.25, gt=0, description="idle wait between looks at the queue"
+    )
     flush_batch: int = Field(default=500, gt=0)
 
 
@@ -78,7 +82,9 @@ class Settings(BaseSettings):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone '{value}' (use an IANA name like Europe/Paris)")
+            raise ValueError(
+                f"unknown time zone '{value}' (use an IANA name like Europe/Paris)"
+            ) from None
         return value
 
     @classmethod

@@ -1,9 +1,9 @@
 """The Python API: what the CLI (and scripts) do, in one place.
 
-    async with await Broadcaster.open() as b:
-        result = await b.publish(UpdateRequest(status="investigating", title="API down",
-                                               fields={"summary": "Requests fail"}))
-        await b.wait([result.update.id])
+async with await Broadcaster.open() as b:
+    result = await b.publish(UpdateRequest(status="investigating", title="API down",
+                                           fields={"summary": "Requests fail"}))
+    await b.wait([result.update.id])
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ class Broadcaster:
             base_dir=base_dir, data_dir=settings.resolve_path(settings.data_dir)
         )
         channels = build_channels(settings, context)
-        templates_dir = settings.resolve_path(settings.templates_dir) if settings.templates_dir else None
+        templates_dir = (
+            settings.resolve_path(settings.templates_dir) if settings.templates_dir else None
+        )
         library = TemplateLibrary.with_shipped(templates_dir)
         store = await Store.open(settings.store_url)
         broadcaster = cls(settings, store, channels, library)
@@ -136,9 +138,9 @@ class Broadcaster:
                 f"unknown component '{unknown[0]}' — configured: {', '.join(known)}"
             )
 
-    async def _plan(self, request: UpdateRequest, incident_id: int | None) -> tuple[
-        PublishPlan, Preview
-    ]:
+    async def _plan(
+        self, request: UpdateRequest, incident_id: int | None
+    ) -> tuple[PublishPlan, Preview]:
         incident = await self.store.get_incident(incident_id) if incident_id is not None else None
         if incident is None:
             if not request.title:
@@ -268,7 +270,9 @@ class Broadcaster:
         """Queue the failed deliveries of the incident's latest update again."""
         await self.store.get_incident(incident_id)
         if channel is not None and channel not in self.channels:
-            raise NotFoundError(f"unknown channel '{channel}' — configured: {', '.join(self.channels)}")
+            raise NotFoundError(
+                f"unknown channel '{channel}' — configured: {', '.join(self.channels)}"
+            )
         result = await self.store.retry_failed(
             incident_id,
             channel=channel,
@@ -401,7 +405,9 @@ class Broadcaster:
         )
         return checks
 
-    async def write_public_site(self, channel: str, languages: list[str], out_dir: Path) -> list[Path]:
+    async def write_public_site(
+        self, channel: str, languages: list[str], out_dir: Path
+    ) -> list[Path]:
         """Render the public side from the store and write it to `out_dir`."""
         from broadcaster.site.render import render_site, write_site
         from broadcaster.site.snapshot import public_state

@@ -138,9 +138,12 @@ async def run_demo(folder: Path, console: Console) -> None:
                 result = await broadcaster.publish(request, target)
                 incident_id = result.incident.id
                 await watch_deliveries(broadcaster, [result.update.id], console)
+            assert incident_id is not None
             console.print(Rule("Result"))
             progress = await broadcaster.progress(incident_id)
-            console.print(progress_table(progress, title=f"all deliveries of incident #{incident_id}"))
+            console.print(
+                progress_table(progress, title=f"all deliveries of incident #{incident_id}")
+            )
             failures = [d for p in progress for d in p.failures]
             if failures:
                 console.print(failures_table(failures))
@@ -150,8 +153,10 @@ async def run_demo(folder: Path, console: Console) -> None:
             f"({signed} with a valid signature) after {len(receiver.attempts)} attempts"
         )
     site = folder / "public" / "index.html"
-    console.print(f"status page: [bold]{site}[/] (and {site.parent}/fr/index.html, banner.js, "
-                  "status.en.json, feed.atom)")
+    console.print(
+        f"status page: [bold]{site}[/] (and {site.parent}/fr/index.html, banner.js, "
+        "status.en.json, feed.atom)"
+    )
     console.print(
         f"done in {time.monotonic() - started:.1f}s — explore with "
         f"`broadcaster --config {config} show {incident_id}`"

@@ -1,6 +1,6 @@
 """The commented broadcaster.toml that `broadcaster init` writes."""
 
-STARTER_CONFIG = '''\
+STARTER_CONFIG = """\
 # broadcaster.toml — incident-broadcaster settings.
 # Every key can be overridden by an environment variable: BROADCASTER_<KEY>
 # (nested keys with a double underscore, e.g. BROADCASTER_DISPATCH__POLL_SECONDS).
@@ -48,4 +48,4 @@ secret = { env = "PARTNERS_WEBHOOK_SECRET" }   # or { file = "/run/secrets/webho
 # backoff_seconds = 2
 # deadline_seconds = 3600
 # rate_limit = { per_target_per_second = 10, per_target_burst = 5 }
-'''
+"""

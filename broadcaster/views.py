@@ -41,8 +41,7 @@ _ALWAYS_SHOWN = (DeliveryState.QUEUED, DeliveryState.SENDING, DeliveryState.FAIL
 def progress_table(progress: Sequence[ChannelProgress], *, title: str | None = None) -> Table:
     """Deliveries per channel, counted by state (states nobody is in are left out)."""
     states = [
-        s for s in DeliveryState
-        if s in _ALWAYS_SHOWN or any(p.counts.get(s) for p in progress)
+        s for s in DeliveryState if s in _ALWAYS_SHOWN or any(p.counts.get(s) for p in progress)
     ]
     table = Table(title=title, title_justify="left")
     table.add_column("channel", style="bold", no_wrap=True)
@@ -66,8 +65,9 @@ def failures_table(deliveries: Sequence[Delivery]) -> Table:
     for column in ("id", "channel", "recipient", "attempts", "last error"):
         table.add_column(column)
     for d in deliveries:
-        table.add_row(str(d.id), d.channel, d.recipient or "(audience)", str(d.attempts),
-                      d.last_error or "")
+        table.add_row(
+            str(d.id), d.channel, d.recipient or "(audience)", str(d.attempts), d.last_error or ""
+        )
     return table
 
 
@@ -78,8 +78,10 @@ def preview_view(preview: Preview, *, max_lines: int | None = None) -> Renderabl
     parts: list[RenderableType] = []
     for render in preview.renders:
         measures = " | ".join(f"{m.language}: {m.describe()}" for m in render.measures)
-        text = render.text() if render.joined else "\n\n".join(
-            f"[{v.language}] {v.text}" for v in render.variants
+        text = (
+            render.text()
+            if render.joined
+            else "\n\n".join(f"[{v.language}] {v.text}" for v in render.variants)
         )
         if max_lines is not None and text.count("\n") >= max_lines:
             text = "\n".join(text.splitlines()[:max_lines]) + "\n…"
@@ -129,9 +131,10 @@ def incident_view(incident: Incident, audit: Sequence[AuditEntry]) -> Renderable
         f"opened {incident.created_at:%Y-%m-%d %H:%M} UTC",
     )
     if incident.components:
-        head.append("\ncomponents: " + ", ".join(
-            f"{name}={state.value}" for name, state in incident.components.items()
-        ))
+        head.append(
+            "\ncomponents: "
+            + ", ".join(f"{name}={state.value}" for name, state in incident.components.items())
+        )
     updates = Table(title="updates", title_justify="left")
     for column in ("update", "at", "status", "template", "next update", "by", "note"):
         updates.add_column(column)
@@ -150,8 +153,13 @@ def incident_view(incident: Incident, audit: Sequence[AuditEntry]) -> Renderable
         trail.add_column(column)
     for entry in audit:
         detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items() if v is not None)
-        trail.add_row(f"{entry.at:%Y-%m-%d %H:%M:%S}", entry.actor, entry.action,
-                      f"#{entry.update_id}" if entry.update_id else "", detail)
+        trail.add_row(
+            f"{entry.at:%Y-%m-%d %H:%M:%S}",
+            entry.actor,
+            entry.action,
+            f"#{entry.update_id}" if entry.update_id else "",
+            detail,
+        )
     return Group(head, updates, trail)
 
 
@@ -162,8 +170,13 @@ def progress_json(progress: Sequence[ChannelProgress]) -> list[dict[str, Any]]:
             "counts": {s.value: n for s, n in p.counts.items()},
             "broken": p.broken,
             "failures": [
-                {"id": d.id, "recipient": d.recipient, "attempts": d.attempts,
-                 "last_error": d.last_error, "state": d.state.value}
+                {
+                    "id": d.id,
+                    "recipient": d.recipient,
+                    "attempts": d.attempts,
+                    "last_error": d.last_error,
+                    "state": d.state.value,
+                }
                 for d in p.failures
             ],
         }

@@ -42,7 +42,9 @@ class BannerChannel(Channel):
         try:
             await writer(self.name, self.languages, self.output)
         except OSError as exc:  # a full disk or a remount may pass: retry until the deadline
-            raise TransientError(f"{self.name}: cannot write {self.output}: {exc.strerror}") from exc
+            raise TransientError(
+                f"{self.name}: cannot write {self.output}: {exc.strerror}"
+            ) from exc
         index = self.output / "index.html"
         return Receipt(
             provider_id=f"update-{message.update_id}", permalink=index.as_uri(), delivered=True

@@ -185,10 +185,10 @@ class Channel(ABC):
         """Resolve one of this channel's secrets (files relative to the config's folder)."""
         return ref.resolve(self.context.base_dir)
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections inside the running event loop."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
     @abstractmethod
@@ -267,7 +267,6 @@ class HttpChannel(Channel):
         self, url: str, body: bytes, headers: Mapping[str, str], *, what: str
     ) -> tuple[int, str]:
         """POST a JSON body; return (status, text) on 2xx, raise a classified error otherwise."""
-        import asyncio
 
         import aiohttp
 
@@ -281,7 +280,7 @@ class HttpChannel(Channel):
                         response.status, response.headers.get("Retry-After"), what
                     )
                 return response.status, text
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             # A dropped connection may or may not have delivered: retry, the delivery key
             # lets the receiver recognise the duplicate.
             raise TransientError(f"{what}: {type(exc).__name__}") from exc

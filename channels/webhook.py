@@ -123,6 +123,6 @@ class WebhookChannel(HttpChannel):
         if self.config.secret is None:
             problems.append(
                 f"{self.name}: no signing secret — receivers cannot verify the sender "
-                "(set secret = {env = \"...\"})"
+                '(set secret = {env = "..."})'
             )
         return problems

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
+from typing import ClassVar
 
 from broadcaster.core import Broadcaster
-from broadcaster.models import DeliveryState, IncidentStatus, UpdateRequest
+from broadcaster.dispatch.backend import DISPATCHER_LEASE
+from broadcaster.models import (
+    Capabilities,
+    ChannelFamily,
+    ComponentState,
+    DeliveryState,
+    IncidentStatus,
+    Receipt,
+    UpdateRequest,
+)
 from broadcaster.sandbox import Behaviour, WebhookReceiver
+from broadcaster.store import DeliveryQueue
+from channels.base import ChannelConfig, ChannelContext, HttpChannel, Message
 from tests.conftest import MakeBroadcaster, targets, webhook_channel
+
+
+class ThreadedConfig(ChannelConfig):
+    url: str
 
 
 def opening(**extra: object) -> UpdateRequest:
@@ -59,7 +78,7 @@ async def test_5xx_is_retried_with_growing_backoff(
     assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1}
     times = [a.at for a in receiver.attempts]
     assert [a.status for a in receiver.attempts] == [503, 503, 503, 200]
-    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     # Equal jitter: attempt n waits between half and all of 0.2 * 2^(n-1).
     assert gaps[0] >= 0.1 - 0.02
     assert gaps[2] >= 0.4 - 0.02
@@ -236,15 +255,22 @@ async def test_publish_key_seen_twice_sends_nothing_new(
     receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
 ) -> None:
     b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"])})
-    first, _ = await publish_and_wait(b, opening(publish_key="alertgroup-1|2026-11-26T08:00Z|firing"))
-    again, _ = await publish_and_wait(b, opening(publish_key="alertgroup-1|2026-11-26T08:00Z|firing"))
+    first, _ = await publish_and_wait(
+        b, opening(publish_key="alertgroup-1|2026-11-26T08:00Z|firing")
+    )
+    again, _ = await publish_and_wait(
+        b, opening(publish_key="alertgroup-1|2026-11-26T08:00Z|firing")
+    )
     assert first.new and not again.new
     assert again.update.id == first.update.id
     assert len(receiver.attempts) == 1
 
     resolved = await b.publish(
-        UpdateRequest(status=IncidentStatus.RESOLVED, actor="test",
-                      publish_key="alertgroup-1|2026-11-26T08:00Z|resolved"),
+        UpdateRequest(
+            status=IncidentStatus.RESOLVED,
+            actor="test",
+            publish_key="alertgroup-1|2026-11-26T08:00Z|resolved",
+        ),
         first.incident.id,
     )
     assert resolved.incident.id == first.incident.id
@@ -271,3 +297,94 @@ async def test_webhooks_are_signed_and_carry_the_delivery_key(
         assert body["incident_id"] == result.incident.id
         assert body["status"] == "investigating"
         assert "Card payments fail" in body["texts"]["en"]["text"]
+
+
+class ThreadedChannel(HttpChannel):
+    """A test adapter that threads follow-ups, posting to the simulator like a provider."""
+
+    family: ClassVar[ChannelFamily] = ChannelFamily.CHAT
+    capabilities: ClassVar[Capabilities] = Capabilities(threads=True)
+    config_model: ClassVar[type[ChannelConfig]] = ThreadedConfig
+
+    config: ThreadedConfig
+
+    async def send(self, message: Message) -> Receipt:
+        thread = message.thread
+        body = {
+            "text": message.render.text(),
+            "root": thread.root.provider_id if thread else None,
+            "parent": thread.parent.provider_id if thread else None,
+        }
+        await self.post_json(self.config.url, json.dumps(body).encode(), {}, what=self.name)
+        return Receipt(provider_id=f"post-{message.update_id}", data={"n": str(message.update_id)})
+
+
+async def test_followups_thread_under_the_first_post(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster, tmp_path: Path
+) -> None:
+    b = await make_broadcaster({})
+    config = ThreadedConfig(type="threaded", url=receiver.target("chat"))
+    b.channels["chat"] = ThreadedChannel("chat", config, ChannelContext(tmp_path, tmp_path))
+    first, _ = await publish_and_wait(b, opening())
+    for status in (IncidentStatus.IDENTIFIED, IncidentStatus.RESOLVED):
+        await publish_and_wait(
+            b,
+            UpdateRequest(status=status, fields={"summary": "A bad deploy."}, actor="test"),
+            first.incident.id,
+        )
+    posts = [(r.body or {}) for r in receiver.received]
+    assert [(p["root"], p["parent"]) for p in posts] == [
+        (None, None),
+        ("post-1", "post-1"),
+        ("post-1", "post-2"),
+    ]
+
+
+async def test_a_process_without_the_lease_watches_and_takes_over_when_it_is_free(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"])})
+    queue = DeliveryQueue(b.store)
+    assert await queue.acquire_lease(DISPATCHER_LEASE, "serve-elsewhere:1:x", ttl_seconds=60)
+    result = await b.publish(opening())
+    seen: list[bool] = []
+
+    async def record(_progress: list, dispatching: bool) -> None:  # type: ignore[type-arg]
+        seen.append(dispatching)
+        if len(seen) == 5:
+            await queue.release_lease(DISPATCHER_LEASE, "serve-elsewhere:1:x")
+
+    b.backend.tick_seconds = 0.05  # type: ignore[attr-defined]
+    b.settings.dispatch.lease_seconds = 0.3
+    progress = await asyncio.wait_for(b.wait([result.update.id], record), timeout=10)
+    assert seen[:5] == [False] * 5  # only watched while the other process held the lease
+    assert True in seen
+    assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1}
+
+
+async def test_status_page_shows_published_updates_but_not_cancelled_ones(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster, tmp_path: Path
+) -> None:
+    b = await make_broadcaster(
+        {"page": {"type": "banner", "languages": ["en", "fr"], "output": "site"}},
+        components={"api": "Public API"},
+    )
+    first, _ = await publish_and_wait(b, opening(components={"api": ComponentState.MAJOR_OUTAGE}))
+    page = (tmp_path / "site" / "index.html").read_text()
+    assert "Payments fail" in page and "Card payments fail" in page
+    status = json.loads((tmp_path / "site" / "status.fr.json").read_text())
+    assert status["incidents"][0]["title"] == "Payments fail"
+    assert (tmp_path / "site" / "fr" / "index.html").exists()
+
+    wrong = await b.publish(
+        UpdateRequest(
+            status=IncidentStatus.IDENTIFIED, actor="test", fields={"summary": "WRONG MESSAGE"}
+        ),
+        first.incident.id,
+    )
+    await b.cancel(wrong.update.id, actor="test")
+    await publish_and_wait(b, resolving(), first.incident.id)
+    page = (tmp_path / "site" / "index.html").read_text()
+    assert "WRONG MESSAGE" not in page
+    status = json.loads((tmp_path / "site" / "status.en.json").read_text())
+    assert status["incidents"] == []

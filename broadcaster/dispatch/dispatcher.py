@@ -9,6 +9,7 @@ committed, so a killed process can re-send at most `concurrency` deliveries per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -155,10 +156,8 @@ class Dispatcher:
             await self._sleep(state, self.settings.poll_seconds)
 
     async def _sleep(self, state: _ChannelState, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.wake.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     async def _still_broken(self, channel: str) -> bool:
         async with self.store.sessions() as session:
@@ -213,8 +212,10 @@ class Dispatcher:
             if isinstance(error, ChannelBrokenError):
                 broken = str(error)
         except TimeoutError:
-            error = TransientError(f"{channel.name}: no answer within {SEND_TIMEOUT_SECONDS:.0f}s")
-            outcome = outcome_of_failure(claimed, error, retry_policy(channel), utcnow())
+            timeout = TransientError(
+                f"{channel.name}: no answer within {SEND_TIMEOUT_SECONDS:.0f}s"
+            )
+            outcome = outcome_of_failure(claimed, timeout, retry_policy(channel), utcnow())
         except Exception as error:  # an adapter bug must not kill the dispatcher
             log.exception("%s: unexpected error from the adapter", channel.name)
             wrapped = TransientError(f"{channel.name}: unexpected {type(error).__name__}")

@@ -25,7 +25,7 @@ class RetryPolicy:
         # Equal jitter: half fixed, half random, so many recipients failing together
         # (a provider outage) do not all come back at the same instant.
         backoff = ceiling / 2 + random.uniform(0, ceiling / 2)
-        return max(backoff, retry_after or 0.0)
+        return float(max(backoff, retry_after or 0.0))
 
     def next_attempt(
         self, *, attempt: int, now: datetime, deadline: datetime, retry_after: float | None

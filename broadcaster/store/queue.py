@@ -137,7 +137,7 @@ class DeliveryQueue:
         )
         async with self.store.transaction() as session:
             rows = (await session.execute(statement)).all()
-        claimed = [Claimed(*row) for row in rows]
+        claimed = [Claimed(**row._mapping) for row in rows]
         claimed.sort(key=lambda c: c.id)
         return claimed
 
@@ -244,13 +244,13 @@ class DeliveryQueue:
                 if row is None:
                     session.add(
                         LeaseRow(
-                            name=name, holder=holder, expires_at=now + timedelta(seconds=ttl_seconds)
+                            name=name,
+                            holder=holder,
+                            expires_at=now + timedelta(seconds=ttl_seconds),
                         )
                     )
                     return True
-                if row.holder != holder and row.expires_at > now and not holder_is_dead(
-                    row.holder
-                ):
+                if row.holder != holder and row.expires_at > now and not holder_is_dead(row.holder):
                     return False
                 row.holder = holder
                 row.expires_at = now + timedelta(seconds=ttl_seconds)

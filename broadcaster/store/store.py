@@ -313,9 +313,9 @@ class Store:
                 )
             updates = (
                 await session.scalars(
-                    select(UpdateRow).where(UpdateRow.incident_id == incident_id).order_by(
-                        UpdateRow.seq
-                    )
+                    select(UpdateRow)
+                    .where(UpdateRow.incident_id == incident_id)
+                    .order_by(UpdateRow.seq)
                 )
             ).all()
             return _incident_model(row, updates)
@@ -422,7 +422,9 @@ class Store:
         async with self.sessions() as session:
             rows = (
                 await session.scalars(
-                    select(AuditRow).where(AuditRow.incident_id == incident_id).order_by(AuditRow.id)
+                    select(AuditRow)
+                    .where(AuditRow.incident_id == incident_id)
+                    .order_by(AuditRow.id)
                 )
             ).all()
             return [
@@ -469,7 +471,12 @@ class Store:
             return cancelled
 
     async def retry_failed(
-        self, incident_id: int, *, channel: str | None, deadline_seconds: dict[str, float], actor: str
+        self,
+        incident_id: int,
+        *,
+        channel: str | None,
+        deadline_seconds: dict[str, float],
+        actor: str,
     ) -> tuple[int, int]:
         """Queue failed deliveries of the incident's latest update again.
 
@@ -521,8 +528,15 @@ class Store:
             )
             return requeued, skipped
 
-    async def record(self, *, actor: str, action: str, incident_id: int | None = None,
-                     update_id: int | None = None, detail: dict[str, Any] | None = None) -> None:
+    async def record(
+        self,
+        *,
+        actor: str,
+        action: str,
+        incident_id: int | None = None,
+        update_id: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         """Add an audit entry."""
         async with self.transaction() as session:
             session.add(
