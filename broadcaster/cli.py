@@ -170,11 +170,11 @@ def _request(
             raise fail(f"--next-update: {exc}") from None
     try:
         return UpdateRequest(
-            status=status,  # type: ignore[arg-type]
+            status=status,
             title=title,
             template=template,
-            impact=impact,  # type: ignore[arg-type]
-            components=_pairs(components, "--component"),  # type: ignore[arg-type]
+            impact=impact,
+            components=_pairs(components, "--component"),
             fields=_pairs(fields, "--set"),
             next_update_at=next_update_at,
             channels=channels or None,
@@ -207,9 +207,14 @@ async def _publish_flow(
         else:
             out.print(preview_view(preview))
     if not preview.ok:
+        if as_json and not dry_run:  # the checks were not printed: say them here
+            failed = "; ".join(str(f) for f in preview.failures)
+            raise fail(f"nothing was sent, {len(preview.failures)} check(s) failed: {failed}")
         raise fail("nothing was sent: fix the checks above")
+    # With --json, stdout is JSON only; the words for people go to stderr.
+    notes = console(stderr=as_json)
     if dry_run:
-        out.print("[dim]dry run: nothing stored, nothing sent[/]")
+        notes.print("[dim]dry run: nothing stored, nothing sent[/]")
         return
     if not yes:
         if not sys.stdin.isatty():
@@ -219,7 +224,7 @@ async def _publish_flow(
             raise fail("not published", 1)
     result = await broadcaster.publish(request, incident_id)
     if not result.new:
-        out.print(
+        notes.print(
             f"[yellow]publish key seen before: update #{result.update.id} of incident "
             f"#{result.incident.id} was already published — nothing new sent[/]"
         )
@@ -430,6 +435,8 @@ def delivery_status(
 
     async def work(b: Broadcaster) -> tuple[Any, Any]:
         progress = await b.progress(incident_id, channel=channel)
+        if channel is not None and channel not in b.channels and not progress:
+            raise fail(f"unknown channel '{channel}' — configured: {', '.join(b.channels)}")
         failures = (
             await b.deliveries(incident_id, channel=channel, states=FAILED_STATES)
             if failed
@@ -608,15 +615,19 @@ def doctor() -> None:
 def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
-    """Write a commented broadcaster.toml into the current folder."""
+    """Write a commented broadcaster.toml into the current folder (or at --config)."""
     from broadcaster.starter import STARTER_CONFIG
 
-    target = Path.cwd() / "broadcaster.toml"
+    target = _state["config"] or Path.cwd() / "broadcaster.toml"
     if target.exists() and not force:
         raise fail(f"{target} exists — pass --force to overwrite it")
-    target.write_text(STARTER_CONFIG)
+    try:
+        target.write_text(STARTER_CONFIG)
+    except OSError as exc:
+        raise fail(f"cannot write {target}: {exc.strerror}") from None
+    command = f"broadcaster --config {target}" if _state["config"] else "broadcaster"
     console().print(
-        f"wrote {target}\nnext: `broadcaster doctor`, then `broadcaster open --title ... --dry-run`"
+        f"wrote {target}\nnext: `{command} doctor`, then `{command} open --title ... --dry-run`"
     )
 
 

@@ -197,4 +197,8 @@ async def watch_deliveries(
 
         final = await broadcaster.wait(ids, show)
         live.update(progress_table(final, title="deliveries"))
+    if not console.is_terminal:
+        # Live ends the line itself only on a terminal; in a pipe or a log the next
+        # output would start right after the table's last border.
+        console.line()
     return final
