@@ -28,6 +28,7 @@ from broadcaster.models import (
     DeliveryState,
     Impact,
     Incident,
+    IncidentKind,
     IncidentStatus,
     Preview,
     Update,
@@ -142,6 +143,13 @@ class Broadcaster:
         self, request: UpdateRequest, incident_id: int | None
     ) -> tuple[PublishPlan, Preview]:
         incident = await self.store.get_incident(incident_id) if incident_id is not None else None
+        if (
+            incident is not None
+            and incident.kind is IncidentKind.MAINTENANCE
+            and request.status is IncidentStatus.RESOLVED
+        ):
+            # "resolve" of a maintenance is its completion.
+            request = request.model_copy(update={"status": IncidentStatus.COMPLETED})
         if incident is None:
             if not request.title:
                 raise BroadcasterError("a new incident needs a title (--title)")

@@ -10,11 +10,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import ClassVar
 
-from broadcaster.core import Broadcaster
+from broadcaster.core import Broadcaster, PublishResult
 from broadcaster.dispatch.backend import DISPATCHER_LEASE
 from broadcaster.models import (
     Capabilities,
     ChannelFamily,
+    ChannelProgress,
     ComponentState,
     DeliveryState,
     IncidentStatus,
@@ -31,13 +32,13 @@ class ThreadedConfig(ChannelConfig):
     url: str
 
 
-def opening(**extra: object) -> UpdateRequest:
+def opening(title: str = "Payments fail", **extra: object) -> UpdateRequest:
     return UpdateRequest(
         status=IncidentStatus.INVESTIGATING,
-        title="Payments fail",
+        title=title,
         fields={"summary": "Card payments fail for some users."},
         actor="test",
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 
@@ -45,11 +46,13 @@ def resolving() -> UpdateRequest:
     return UpdateRequest(status=IncidentStatus.RESOLVED, actor="test")
 
 
-def states(progress: list, channel: str) -> dict[DeliveryState, int]:  # type: ignore[type-arg]
+def states(progress: list[ChannelProgress], channel: str) -> dict[DeliveryState, int]:
     return next(p.counts for p in progress if p.channel == channel)
 
 
-async def publish_and_wait(b: Broadcaster, request: UpdateRequest, incident: int | None = None):  # type: ignore[no-untyped-def]
+async def publish_and_wait(
+    b: Broadcaster, request: UpdateRequest, incident: int | None = None
+) -> tuple[PublishResult, list[ChannelProgress]]:
     result = await b.publish(request, incident)
     progress = await asyncio.wait_for(b.wait([result.update.id]), timeout=30)
     return result, progress
@@ -284,7 +287,7 @@ async def test_webhooks_are_signed_and_carry_the_delivery_key(
 ) -> None:
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     async with WebhookReceiver(secret=secret) as sim:
-        monkeypatch.setenv("HOOK_SECRET", secret)  # type: ignore[attr-defined]
+        monkeypatch.setenv("HOOK_SECRET", secret)
         b = await make_broadcaster(
             {"hooks": webhook_channel(sim, ["a", "b"], secret={"env": "HOOK_SECRET"})}
         )
@@ -349,12 +352,12 @@ async def test_a_process_without_the_lease_watches_and_takes_over_when_it_is_fre
     result = await b.publish(opening())
     seen: list[bool] = []
 
-    async def record(_progress: list, dispatching: bool) -> None:  # type: ignore[type-arg]
+    async def record(_progress: list[ChannelProgress], dispatching: bool) -> None:
         seen.append(dispatching)
         if len(seen) == 5:
             await queue.release_lease(DISPATCHER_LEASE, "serve-elsewhere:1:x")
 
-    b.backend.tick_seconds = 0.05  # type: ignore[attr-defined]
+    b.backend.tick_seconds = 0.05
     b.settings.dispatch.lease_seconds = 0.3
     progress = await asyncio.wait_for(b.wait([result.update.id], record), timeout=10)
     assert seen[:5] == [False] * 5  # only watched while the other process held the lease
@@ -388,3 +391,44 @@ async def test_status_page_shows_published_updates_but_not_cancelled_ones(
     assert "WRONG MESSAGE" not in page
     status = json.loads((tmp_path / "site" / "status.en.json").read_text())
     assert status["incidents"] == []
+
+
+async def test_global_rate_limit_spaces_a_channels_deliveries(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster(
+        {
+            "hooks": webhook_channel(
+                receiver,
+                targets(30),
+                rate_limit={"global_per_second": 20, "global_burst": 1},
+            )
+        }
+    )
+    await publish_and_wait(b, opening())
+    times = sorted(r.at for r in receiver.received)
+    assert len(times) == 30
+    assert times[-1] - times[0] >= 29 / 20 * 0.9  # ~20/s, not all at once
+    window = 0.5
+    busiest = max(sum(1 for t in times if start <= t < start + window) for start in times)
+    assert busiest <= 20 * window + 2
+
+
+async def test_per_target_rate_limit_holds_across_incidents(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster(
+        {
+            "hooks": webhook_channel(
+                receiver,
+                ["one"],
+                rate_limit={"per_target_per_second": 4, "per_target_burst": 1},
+            )
+        }
+    )
+    ids = [(await b.publish(opening(title=f"Incident {i}"))).update.id for i in range(4)]
+    await asyncio.wait_for(b.wait(ids), timeout=20)
+    times = sorted(r.at for r in receiver.received)
+    assert len(times) == 4
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) >= 0.25 * 0.8
