@@ -435,8 +435,6 @@ def delivery_status(
 
     async def work(b: Broadcaster) -> tuple[Any, Any]:
         progress = await b.progress(incident_id, channel=channel)
-        if channel is not None and channel not in b.channels and not progress:
-            raise fail(f"unknown channel '{channel}' — configured: {', '.join(b.channels)}")
         failures = (
             await b.deliveries(incident_id, channel=channel, states=FAILED_STATES)
             if failed

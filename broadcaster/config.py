@@ -12,9 +12,8 @@ import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +21,7 @@ from pydantic_settings import (
 )
 
 from broadcaster.errors import ConfigError
+from broadcaster.models import TimeZoneName
 
 CONFIG_FILE_NAME = "broadcaster.toml"
 _DURATION = re.compile(
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".broadcaster"), description="sessions, caches")
     page_title: str = "Service status"
     status_page_url: str | None = None
-    timezone: str = "UTC"
+    timezone: TimeZoneName = "UTC"
     languages: list[str] = Field(default_factory=lambda: ["en"])
     default_channels: list[str] = Field(default_factory=list)
     components: dict[str, str] = Field(
@@ -75,17 +75,6 @@ class Settings(BaseSettings):
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     config_path: Path | None = Field(default=None, exclude=True)
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"unknown time zone '{value}' (use an IANA name like Europe/Paris)"
-            ) from None
-        return value
 
     @classmethod
     def settings_customise_sources(
@@ -143,7 +132,7 @@ def load_settings(path: Path | None = None) -> Settings:
     try:
         return Settings(**values, config_path=path.resolve() if path else None)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, path)) from None
+        raise ConfigError(describe_validation_error(exc, path.resolve() if path else None)) from None
 
 
 def describe_validation_error(exc: ValidationError, path: Path | None, prefix: str = "") -> str:

@@ -21,6 +21,7 @@ from broadcaster.errors import BroadcasterError, CheckFailedError, NotFoundError
 from broadcaster.models import (
     AuditEntry,
     ChannelProgress,
+    ChannelRender,
     CheckFailure,
     ComponentState,
     ComponentStatus,
@@ -122,14 +123,17 @@ class Broadcaster:
 
     def _channels_for(self, request: UpdateRequest) -> list[Channel]:
         names = request.channels or self.settings.default_channels or list(self.channels)
-        unknown = [n for n in names if n not in self.channels]
-        if unknown:
-            raise NotFoundError(
-                f"unknown channel '{unknown[0]}' — configured: {', '.join(self.channels) or 'none'}"
-            )
+        for name in names:
+            self._require_channel(name)
         if not names:
             raise BroadcasterError("no channels configured — add one to broadcaster.toml")
         return [self.channels[n] for n in names]
+
+    def _require_channel(self, name: str) -> None:
+        if name not in self.channels:
+            raise NotFoundError(
+                f"unknown channel '{name}' — configured: {', '.join(self.channels) or 'none'}"
+            )
 
     def _check_components(self, components: dict[str, ComponentState]) -> None:
         known = self.settings.components
@@ -202,16 +206,7 @@ class Broadcaster:
         renders = []
         if not failures:
             for channel in self._channels_for(request):
-                render, problems = self.library.render_for_channel(
-                    template,
-                    channel=channel.name,
-                    family=channel.family,
-                    languages=channel.languages,
-                    limits=channel.limits,
-                    capabilities=channel.capabilities,
-                    context=context,
-                    gsm7=channel.config.gsm7,
-                )
+                render, problems = self._render(template, channel, context)
                 render.facts = facts
                 renders.append(render)
                 failures.extend(problems)
@@ -235,6 +230,20 @@ class Broadcaster:
             channels=plans,
         )
         return plan, Preview(request=request, renders=renders, failures=failures)
+
+    def _render(
+        self, template: str, channel: Channel, context: RenderContext
+    ) -> tuple[ChannelRender, list[CheckFailure]]:
+        return self.library.render_for_channel(
+            template,
+            channel=channel.name,
+            family=channel.family,
+            languages=channel.languages,
+            limits=channel.limits,
+            capabilities=channel.capabilities,
+            context=context,
+            gsm7=channel.config.gsm7,
+        )
 
     @staticmethod
     def _impact_from(components: dict[str, ComponentState]) -> Impact:
@@ -277,10 +286,8 @@ class Broadcaster:
     async def retry(self, incident_id: int, *, channel: str | None, actor: str) -> tuple[int, int]:
         """Queue the failed deliveries of the incident's latest update again."""
         await self.store.get_incident(incident_id)
-        if channel is not None and channel not in self.channels:
-            raise NotFoundError(
-                f"unknown channel '{channel}' — configured: {', '.join(self.channels)}"
-            )
+        if channel is not None:
+            self._require_channel(channel)
         result = await self.store.retry_failed(
             incident_id,
             channel=channel,
@@ -331,8 +338,13 @@ class Broadcaster:
     async def progress(
         self, incident_id: int, *, channel: str | None = None
     ) -> list[ChannelProgress]:
+        """Deliveries of an incident per channel (a channel since removed from the config
+        can still be looked up by name)."""
         await self.store.get_incident(incident_id)
-        return await self.store.progress(incident_id=incident_id, channel=channel)
+        progress = await self.store.progress(incident_id=incident_id, channel=channel)
+        if channel is not None and not progress:
+            self._require_channel(channel)
+        return progress
 
     async def deliveries(
         self,
@@ -370,16 +382,7 @@ class Broadcaster:
                 status_page_url=self.settings.status_page_url,
             )
             for channel in self.channels.values():
-                _render, problems = self.library.render_for_channel(
-                    name,
-                    channel=channel.name,
-                    family=channel.family,
-                    languages=channel.languages,
-                    limits=channel.limits,
-                    capabilities=channel.capabilities,
-                    context=context,
-                    gsm7=channel.config.gsm7,
-                )
+                _render, problems = self._render(name, channel, context)
                 failures.extend(
                     p.model_copy(update={"message": f"template '{name}': {p.message}"})
                     for p in problems

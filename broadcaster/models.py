@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _known_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone '{value}' — use an IANA name such as 'Europe/Paris'"
+        ) from None
+    return value
+
+
+TimeZoneName = Annotated[str, AfterValidator(_known_timezone)]
+"""An IANA time zone name, checked when the model is built."""
 
 
 class IncidentKind(StrEnum):

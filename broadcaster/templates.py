@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broadcaster.errors import BroadcasterError, ConfigError, NotFoundError
 from broadcaster.models import (
@@ -44,6 +44,7 @@ from broadcaster.models import (
     IncidentStatus,
     Measure,
     Rendered,
+    TimeZoneName,
 )
 from broadcaster.text import (
     SmsEncoding,
@@ -107,19 +108,8 @@ class RenderContext(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict)
     next_update_at: datetime | None = Field(default=None, description="timezone-aware")
     started_at: datetime | None = None
-    timezone: str = Field(default="UTC", description="IANA name; times are shown in it")
+    timezone: TimeZoneName = Field(default="UTC", description="times are shown in it")
     status_page_url: str | None = None
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(
-                f"unknown timezone '{value}' — use an IANA name such as 'Europe/Paris'"
-            ) from exc
-        return value
 
 
 class TemplateSpec(BaseModel):

@@ -11,10 +11,10 @@ import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from broadcaster.models import Capabilities, ChannelFamily, RateLimit, Receipt
 from channels.base import (
@@ -37,10 +37,18 @@ class WebhookTarget(BaseModel):
 
 
 class WebhookConfig(ChannelConfig):
-    targets: list[AnyHttpUrl | WebhookTarget] = Field(min_length=1)
+    targets: list[WebhookTarget] = Field(min_length=1, description="URLs, or {name, url}")
     secret: SecretRef | None = Field(
         default=None, description="Standard Webhooks secret (whsec_…), from env or file"
     )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _plain_urls(cls, value: Any) -> Any:
+        # A bare URL is a target without a name.
+        if isinstance(value, list):
+            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
 
 
 def target_label(target: WebhookTarget) -> str:
@@ -67,10 +75,7 @@ class WebhookChannel(HttpChannel):
 
     def __init__(self, name: str, config: ChannelConfig, context: ChannelContext) -> None:
         super().__init__(name, config, context)
-        targets = [
-            t if isinstance(t, WebhookTarget) else WebhookTarget(url=t) for t in self.config.targets
-        ]
-        self._urls = {target_label(t): str(t.url) for t in targets}
+        self._urls = {target_label(t): str(t.url) for t in self.config.targets}
         self._signer: object | None = None
 
     def recipients(self) -> list[Recipient]:

@@ -273,7 +273,7 @@ def test_free_text_time_field_is_shown_as_written(library: TemplateLibrary) -> N
 
 
 def test_unknown_timezone_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown timezone 'Mars/Olympus'"):
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
         make_context("investigating", timezone="Mars/Olympus")
 
 

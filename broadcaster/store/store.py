@@ -120,6 +120,24 @@ def _incident_model(row: IncidentRow, updates: Sequence[UpdateRow] = ()) -> Inci
     )
 
 
+def _audit_row(
+    at: datetime,
+    actor: str,
+    action: str,
+    incident_id: int | None,
+    update_id: int | None,
+    detail: dict[str, Any] | None,
+) -> AuditRow:
+    return AuditRow(
+        at=at,
+        actor=actor,
+        action=action,
+        incident_id=incident_id,
+        update_id=update_id,
+        detail=detail or {},
+    )
+
+
 def delivery_model(row: DeliveryRow) -> Delivery:
     return Delivery(
         id=row.id,
@@ -285,13 +303,13 @@ class Store:
         if deliveries:
             await session.execute(insert(DeliveryRow), deliveries)
         session.add(
-            AuditRow(
-                at=now,
-                actor=plan.actor,
-                action="publish",
-                incident_id=incident.id,
-                update_id=row.id,
-                detail={
+            _audit_row(
+                now,
+                plan.actor,
+                "publish",
+                incident.id,
+                row.id,
+                {
                     "status": plan.status.value,
                     "channels": list(plan.channels),
                     "deliveries": len(deliveries),
@@ -459,13 +477,8 @@ class Store:
             )
             cancelled: int = result.rowcount  # type: ignore[attr-defined]
             session.add(
-                AuditRow(
-                    at=now,
-                    actor=actor,
-                    action="cancel",
-                    incident_id=row.incident_id,
-                    update_id=update_id,
-                    detail={"cancelled": cancelled},
+                _audit_row(
+                    now, actor, "cancel", row.incident_id, update_id, {"cancelled": cancelled}
                 )
             )
             return cancelled
@@ -517,13 +530,13 @@ class Store:
                     .values(broken_reason=None, broken_at=None)
                 )
             session.add(
-                AuditRow(
-                    at=now,
-                    actor=actor,
-                    action="retry",
-                    incident_id=incident_id,
-                    update_id=latest,
-                    detail={"channel": channel, "requeued": requeued, "skipped": skipped},
+                _audit_row(
+                    now,
+                    actor,
+                    "retry",
+                    incident_id,
+                    latest,
+                    {"channel": channel, "requeued": requeued, "skipped": skipped},
                 )
             )
             return requeued, skipped
@@ -539,16 +552,7 @@ class Store:
     ) -> None:
         """Add an audit entry."""
         async with self.transaction() as session:
-            session.add(
-                AuditRow(
-                    at=utcnow(),
-                    actor=actor,
-                    action=action,
-                    incident_id=incident_id,
-                    update_id=update_id,
-                    detail=detail or {},
-                )
-            )
+            session.add(_audit_row(utcnow(), actor, action, incident_id, update_id, detail or {}))
 
     async def backup(self, target: Path) -> None:
         """A consistent online copy of the SQLite store."""
