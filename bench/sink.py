@@ -32,9 +32,12 @@ class Counter:
     def __init__(self) -> None:
         self.posts = 0
         self.bytes = 0
+        self.connections = 0
 
     def stats(self) -> bytes:
-        return json.dumps({"posts": self.posts, "bytes": self.bytes}).encode()
+        return json.dumps(
+            {"posts": self.posts, "bytes": self.bytes, "connections": self.connections}
+        ).encode()
 
 
 async def start_aiohttp(counter: Counter, port: int) -> tuple[int, Any]:
@@ -53,6 +56,15 @@ async def start_aiohttp(counter: Counter, port: int) -> tuple[int, Any]:
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    server_manager = runner.server
+    assert server_manager is not None
+    opened = server_manager.connection_made
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        counter.connections += 1
+        opened(handler, transport)
+
+    server_manager.connection_made = connection_made  # type: ignore[method-assign]
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()
     server = site._server
@@ -74,6 +86,7 @@ class _RawHttp(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.counter.connections += 1
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

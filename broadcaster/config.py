@@ -132,7 +132,9 @@ def load_settings(path: Path | None = None) -> Settings:
     try:
         return Settings(**values, config_path=path.resolve() if path else None)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, path.resolve() if path else None)) from None
+        raise ConfigError(
+            describe_validation_error(exc, path.resolve() if path else None)
+        ) from None
 
 
 def describe_validation_error(exc: ValidationError, path: Path | None, prefix: str = "") -> str:

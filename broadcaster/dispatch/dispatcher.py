@@ -15,15 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select
-
 from broadcaster.config import DispatchSettings
 from broadcaster.dispatch.ratelimit import RateLimiters
 from broadcaster.dispatch.retry import RetryPolicy
 from broadcaster.errors import ChannelBrokenError, PermanentError, TransientError
 from broadcaster.models import ChannelRender, DeliveryState, Thread
 from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store
-from broadcaster.store.tables import ChannelHealthRow, utcnow
+from broadcaster.store.tables import utcnow
 from channels.base import Channel, Message, Recipient
 
 log = logging.getLogger("broadcaster.dispatch")
@@ -139,7 +137,7 @@ class Dispatcher:
         while not self._stopping:
             state.wake.clear()
             if state.broken is not None:
-                if await self._still_broken(channel.name):
+                if await self.queue.is_broken(channel.name):
                     await self._sleep(state, BROKEN_RECHECK_SECONDS)
                     continue
                 log.warning("%s: marked healthy again, resuming", channel.name)
@@ -158,13 +156,6 @@ class Dispatcher:
     async def _sleep(self, state: _ChannelState, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.wake.wait(), timeout=seconds)
-
-    async def _still_broken(self, channel: str) -> bool:
-        async with self.store.sessions() as session:
-            row = await session.scalar(
-                select(ChannelHealthRow).where(ChannelHealthRow.channel == channel)
-            )
-        return row is not None and row.broken_reason is not None
 
     async def _start_sends(self, channel: Channel, claimed: list[Claimed]) -> None:
         missing = {c.update_id for c in claimed if (c.update_id, channel.name) not in self._renders}

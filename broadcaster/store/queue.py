@@ -284,6 +284,11 @@ class DeliveryQueue:
                 row.broken_reason = reason
                 row.broken_at = now
 
+    async def is_broken(self, channel: str) -> bool:
+        async with self.store.sessions() as session:
+            row = await session.get(ChannelHealthRow, channel)
+        return row is not None and row.broken_reason is not None
+
     async def mark_healthy(self, channels: Sequence[str]) -> None:
         async with self.store.transaction() as session:
             await session.execute(
