@@ -114,6 +114,16 @@ def run(work: Callable[[Broadcaster], Awaitable[T]]) -> T:
 
 
 def run_async(coroutine: Coroutine[Any, Any, T], known: type[Exception]) -> T:
+    import logging
+
+    from rich.logging import RichHandler
+
+    # Warnings (a channel found broken, deliveries resumed) above the live table.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console(stderr=True), show_path=False, show_time=False)],
+    )
     try:
         return asyncio.run(coroutine)
     except known as exc:
@@ -236,6 +246,18 @@ async def _publish_flow(
     final = await _watch(broadcaster, [result.update.id], quiet=as_json) if wait else []
     if as_json:
         _print_json(_result_json(result, final))
+    _fail_if_broken(final, result.incident.id)
+
+
+def _fail_if_broken(progress: list[ChannelProgress], incident_id: int | None) -> None:
+    broken = [p for p in progress if p.broken]
+    if broken:
+        again = f"broadcaster retry {incident_id}" if incident_id else "broadcaster dispatch"
+        raise fail(
+            f"channel {broken[0].channel} is broken ({broken[0].broken}); its "
+            f"{broken[0].pending} deliveries stay queued — fix it, then run `{again}`",
+            2,
+        )
 
 
 def _result_json(result: PublishResult, progress: list[ChannelProgress]) -> dict[str, Any]:
@@ -375,9 +397,7 @@ def dispatch() -> None:
     """Send everything still queued (after a crash or an interrupted run), until settled."""
 
     async def work(b: Broadcaster) -> None:
-        final = await _watch(b, None)
-        if any(p.broken for p in final):
-            raise fail("some channels are broken; their deliveries stay queued (see above)")
+        _fail_if_broken(await _watch(b, None), None)
 
     run(work)
 
@@ -472,8 +492,8 @@ def retry(
             out.print(
                 f"[dim]skipped {skipped} of older updates (the latest update supersedes them)[/]"
             )
-        if requeued and not no_wait:
-            await _watch(b, None)
+        if not no_wait:  # also sends what a broken channel had left queued
+            _fail_if_broken(await _watch(b, None), incident_id)
 
     run(work)
 

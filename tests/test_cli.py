@@ -413,6 +413,21 @@ def test_retry_requeues_a_failed_delivery_and_delivers_it(
     assert [a.status for a in thread_receiver.attempts if a.path == "/hook/pager"] == [410, 200]
 
 
+def test_refused_credentials_exit_2_and_retry_sends_what_stayed_queued(
+    cli: Cli, thread_receiver: WebhookReceiver
+) -> None:
+    thread_receiver.default(Behaviour(status=401))
+    result = cli(*open_args("--yes"))
+    assert result.exit_code == 2
+    assert "channel partners is broken" in result.stderr
+    assert "broadcaster retry 1" in result.stderr
+    assert counts(cli.json("status", "1"))["partners"] == {"queued": 3}
+
+    thread_receiver.default(Behaviour(status=200))  # the operator fixed the credentials
+    cli.ok("retry", "1")
+    assert counts(cli.json("status", "1"))["partners"] == {"delivered": 3}
+
+
 def test_retry_of_an_unknown_channel_is_an_error(cli: Cli) -> None:
     cli.ok(*open_args("--yes"))
     assert_one_line_error(cli("retry", "1", "--channel", "nope"), "unknown channel 'nope'")

@@ -92,6 +92,9 @@ class EmbeddedBackend(DispatchBackend):
                         resumed = await self.queue.resume_sending(everything=True)
                         if resumed:
                             log.warning("resuming %d deliveries left in flight", resumed)
+                        # A new dispatcher tries every channel again: a secret may have
+                        # been fixed since one was found broken.
+                        await self.queue.mark_healthy(list(self.channels))
                         stop = asyncio.Event()
                         self._dispatcher = Dispatcher(self.store, self.channels, self.settings)
                         running = asyncio.create_task(self._dispatcher.run(stop))

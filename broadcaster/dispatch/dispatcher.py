@@ -112,7 +112,6 @@ class Dispatcher:
             for channel in self.channels.values():
                 await channel.start()
                 started.append(channel)
-            await self.queue.mark_healthy(list(self.channels))
             writer = asyncio.create_task(self._write_outcomes(), name="outcome-writer")
             loops = [
                 asyncio.create_task(self._channel_loop(channel), name=f"channel:{name}")
