@@ -31,6 +31,7 @@ import os
 import platform
 import resource
 import select
+import signal
 import statistics
 import subprocess
 import sys
@@ -361,7 +362,7 @@ def time_help(runs: int = 10) -> float:
     return statistics.median(times)
 
 
-def best(results: list[dict[str, Any]]) -> dict[str, Any]:
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The median run by rate (the runs' rates are kept in `runs_per_s`)."""
     ordered = sorted(results, key=lambda r: r.get("per_s", 0.0))
     chosen = dict(ordered[(len(ordered) - 1) // 2])
@@ -406,15 +407,18 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON line last")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
     # Internal: run one contender in this process.
-    parser.add_argument("--worker", choices=["broadcaster", "apprise", "aiohttp"])
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--body-bytes", type=int, default=700)
+    hidden = argparse.SUPPRESS
+    parser.add_argument("--worker", choices=["broadcaster", "apprise", "aiohttp"], help=hidden)
+    parser.add_argument("--port", type=int, default=0, help=hidden)
+    parser.add_argument("--body-bytes", type=int, default=700, help=hidden)
     args = parser.parse_args()
 
     if args.worker:
         worker_main(args)
         return 0
 
+    # On SIGTERM too, unwind: the running worker is killed and the sink terminated.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     n = args.n
     apprise_n = args.apprise_n or min(n, 2000)
     load_before = os.getloadavg()[0]
@@ -439,8 +443,13 @@ def main() -> int:
                         str(round(body)),
                     ]
                     runs.append(run_worker(contender, sink, n, args.timeout, extra))
-            results[contender] = best(runs)
-    help_ms = None if args.no_help_timing else time_help()
+            results[contender] = median_run(runs)
+    help_ms = None
+    if not args.no_help_timing:
+        try:
+            help_ms = time_help()
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"  ! broadcaster --help failed: {exc}")
     load_after = os.getloadavg()[0]
 
     def rate(name: str) -> float | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 from typing import Any
@@ -42,6 +43,9 @@ class Counter:
 
 async def start_aiohttp(counter: Counter, port: int) -> tuple[int, Any]:
     from aiohttp import web
+
+    # A client that gives up mid-request (a timed-out run) is not the sink's problem.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
     async def handle(request: web.Request) -> web.Response:
         if request.method == "GET" and request.path == STATS_PATH:
