@@ -77,6 +77,7 @@ class WebhookChannel(HttpChannel):
         super().__init__(name, config, context)
         self._urls = {target_label(t): str(t.url) for t in self.config.targets}
         self._signer: object | None = None
+        self._bodies: dict[int, str] = {}
 
     def recipients(self) -> list[Recipient]:
         return [Recipient(id=label) for label in self._urls]
@@ -93,22 +94,30 @@ class WebhookChannel(HttpChannel):
             if secret is not None:
                 self._signer = Webhook(secret.get_secret_value())
 
+    def body(self, message: Message) -> str:
+        """The JSON every target gets for this update (built once per update)."""
+        cached = self._bodies.get(message.update_id)
+        if cached is None:
+            render = message.render
+            cached = json.dumps(
+                {
+                    "type": "incident.update",
+                    "incident_id": message.incident_id,
+                    "update_id": message.update_id,
+                    **render.facts,
+                    "texts": {
+                        v.language: {"text": v.text, "subject": v.subject} for v in render.variants
+                    },
+                },
+                separators=(",", ":"),
+                default=str,
+            )
+            self._bodies = {message.update_id: cached}  # one update at a time, mostly
+        return cached
+
     async def send(self, message: Message) -> Receipt:
         url = self._urls[message.recipient.id]
-        render = message.render
-        body = json.dumps(
-            {
-                "type": "incident.update",
-                "incident_id": message.incident_id,
-                "update_id": message.update_id,
-                **render.facts,
-                "texts": {
-                    v.language: {"text": v.text, "subject": v.subject} for v in render.variants
-                },
-            },
-            separators=(",", ":"),
-            default=str,
-        )
+        body = self.body(message)
         now = datetime.now(UTC)
         headers = {
             "webhook-id": message.delivery_key,

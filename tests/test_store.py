@@ -127,10 +127,8 @@ async def test_claim_keeps_order_within_a_thread(store: Store) -> None:
             Outcome(
                 claimed.id,
                 DeliveryState.SENT,
-                1,
                 provider_id="post-1",
                 provider_data={"cid": "c1"},
-                sent_at=utcnow(),
             )
         ]
     )
@@ -148,8 +146,8 @@ async def test_claim_skips_deliveries_not_yet_due(store: Store) -> None:
     later = utcnow() + timedelta(minutes=5)
     await queue.settle(
         [
-            Outcome(a.id, DeliveryState.QUEUED, 1, last_error="HTTP 503", next_attempt_at=later),
-            Outcome(b.id, DeliveryState.DELIVERED, 1, sent_at=utcnow()),
+            Outcome(a.id, DeliveryState.QUEUED, last_error="HTTP 503", next_attempt_at=later),
+            Outcome(b.id, DeliveryState.DELIVERED),
         ]
     )
     assert await queue.claim("hooks", 10, lease_seconds=60) == []
@@ -220,12 +218,12 @@ async def test_retry_requeues_failures_of_the_latest_update_only(store: Store) -
     first, _ = await store.publish(plan(recipients=1))
     queue = DeliveryQueue(store)
     (a,) = await queue.claim("hooks", 1, lease_seconds=60)
-    await queue.settle([Outcome(a.id, DeliveryState.FAILED, 1, last_error="HTTP 410")])
+    await queue.settle([Outcome(a.id, DeliveryState.FAILED, last_error="HTTP 410")])
     second, _ = await store.publish(
         plan(incident_id=first.incident_id, status=IncidentStatus.RESOLVED, recipients=1)
     )
     (b,) = await queue.claim("hooks", 1, lease_seconds=60)
-    await queue.settle([Outcome(b.id, DeliveryState.FAILED, 1, last_error="HTTP 410")])
+    await queue.settle([Outcome(b.id, DeliveryState.FAILED, last_error="HTTP 410")])
     requeued, skipped = await store.retry_failed(
         first.incident_id, channel=None, deadline_seconds={"hooks": 60}, actor="bob"
     )
@@ -240,8 +238,8 @@ async def test_progress_counts_by_channel_with_failures(store: Store) -> None:
     a, b, _c = await queue.claim("hooks", 3, lease_seconds=60)
     await queue.settle(
         [
-            Outcome(a.id, DeliveryState.FAILED, 1, last_error="HTTP 410"),
-            Outcome(b.id, DeliveryState.DELIVERED, 1, sent_at=utcnow()),
+            Outcome(a.id, DeliveryState.FAILED, last_error="HTTP 410"),
+            Outcome(b.id, DeliveryState.DELIVERED),
         ]
     )
     await queue.mark_broken("hooks", "credentials refused")

@@ -52,15 +52,15 @@ def outcome_of_failure(
     """Turn an adapter's classified error into the delivery's next state."""
     message = str(error) or type(error).__name__
     if isinstance(error, PermanentError):
-        return Outcome(claimed.id, DeliveryState.FAILED, claimed.attempts, last_error=message)
+        return Outcome(claimed.id, DeliveryState.FAILED, last_error=message)
     if isinstance(error, ChannelBrokenError):
         # Not the recipient's fault: back in the queue, and this try does not count.
         return Outcome(
             claimed.id,
             DeliveryState.QUEUED,
-            claimed.attempts - 1,
             last_error=message,
             next_attempt_at=now,
+            uncount_attempt=True,
         )
     retry_after = error.retry_after if isinstance(error, TransientError) else None
     when = policy.next_attempt(
@@ -70,12 +70,9 @@ def outcome_of_failure(
         return Outcome(
             claimed.id,
             DeliveryState.FAILED,
-            claimed.attempts,
             last_error=f"gave up after {claimed.attempts} attempt(s): {message}",
         )
-    return Outcome(
-        claimed.id, DeliveryState.QUEUED, claimed.attempts, last_error=message, next_attempt_at=when
-    )
+    return Outcome(claimed.id, DeliveryState.QUEUED, last_error=message, next_attempt_at=when)
 
 
 class Dispatcher:
@@ -142,15 +139,19 @@ class Dispatcher:
                 log.warning("%s: marked healthy again, resuming", channel.name)
                 state.broken = None
             free = channel.concurrency - state.unsettled
+            if state.unsettled and free < channel.concurrency / 2:
+                # Busy: claim again when half the slots are free, so claims (each a
+                # write transaction) stay large instead of one per settled batch.
+                await self._sleep(state, self.settings.poll_seconds)
+                continue
             claimed = await self.queue.claim(
                 channel.name, free, self.settings.sending_lease_seconds
             )
             if claimed:
                 state.unsettled += len(claimed)
                 await self._start_sends(channel, claimed)
-            if len(claimed) == free and free > 0:
-                continue  # the channel is busy: more may be due right away
-            await self._sleep(state, self.settings.poll_seconds)
+            if len(claimed) < free:  # nothing more is due now
+                await self._sleep(state, self.settings.poll_seconds)
 
     async def _sleep(self, state: _ChannelState, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -191,11 +192,9 @@ class Dispatcher:
             outcome = Outcome(
                 claimed.id,
                 DeliveryState.DELIVERED if receipt.delivered else DeliveryState.SENT,
-                claimed.attempts,
                 provider_id=receipt.provider_id,
                 permalink=receipt.permalink,
                 provider_data=receipt.data or None,
-                sent_at=utcnow(),
             )
         except (TransientError, PermanentError, ChannelBrokenError) as error:
             outcome = outcome_of_failure(claimed, error, retry_policy(channel), utcnow())

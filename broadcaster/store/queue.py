@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Integer, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import aliased
 
 from broadcaster.models import PENDING_STATES, DeliveryState, PostRef, Thread
 from broadcaster.store.engine import is_sqlite
 from broadcaster.store.store import Store
-from broadcaster.store.tables import ChannelHealthRow, DeliveryRow, LeaseRow, utcnow
+from broadcaster.store.tables import (
+    DELIVERIES,
+    ChannelHealthRow,
+    DeliveryRow,
+    LeaseRow,
+    UtcDateTime,
+    utcnow,
+)
 
 _PENDING = [s.value for s in PENDING_STATES]
 
@@ -44,13 +51,16 @@ class Outcome:
 
     id: int
     state: DeliveryState
-    attempts: int
     last_error: str | None = None
     next_attempt_at: datetime | None = None
     provider_id: str | None = None
     permalink: str | None = None
     provider_data: dict[str, str] | None = None
-    sent_at: datetime | None = None
+    uncount_attempt: bool = False  # the try was not the recipient's (channel broken)
+
+    @property
+    def has_receipt(self) -> bool:
+        return bool(self.provider_id or self.permalink or self.provider_data)
 
 
 def new_holder_id() -> str:
@@ -73,6 +83,68 @@ def holder_is_dead(holder: str) -> bool:
     return False
 
 
+_DELIVERIES = DELIVERIES
+
+# Built once: the dispatcher runs these for every batch, and building them costs more
+# than running them.
+_SETTLE_RECEIPT = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == bindparam("b_id"))
+    .values(
+        state=bindparam("b_state"),
+        provider_id=bindparam("b_provider_id"),
+        permalink=bindparam("b_permalink"),
+        provider_data=bindparam("b_provider_data"),
+        lease_until=None,
+        sent_at=bindparam("b_now", type_=UtcDateTime()),
+        updated_at=bindparam("b_now", type_=UtcDateTime()),
+    )
+)
+_SUCCESS = (DeliveryState.SENT, DeliveryState.DELIVERED)
+
+
+@functools.cache
+def _claim_statement(sqlite: bool) -> Any:
+    """UPDATE … RETURNING of the due, unblocked deliveries of one channel."""
+    candidate = _DELIVERIES.alias("candidate")
+    earlier = _DELIVERIES.alias("earlier")
+    blocked = (
+        select(earlier.c.id)
+        .where(
+            earlier.c.thread_key == candidate.c.thread_key,
+            earlier.c.seq < candidate.c.seq,
+            earlier.c.state.in_(_PENDING),
+        )
+        .correlate(candidate)
+        .exists()
+    )
+    ids = (
+        select(candidate.c.id)
+        .where(
+            candidate.c.channel == bindparam("claim_channel"),
+            candidate.c.state == DeliveryState.QUEUED.value,
+            candidate.c.next_attempt_at <= bindparam("claim_now", type_=UtcDateTime()),
+            ~blocked,
+        )
+        .order_by(candidate.c.seq, candidate.c.id)
+        .limit(bindparam("claim_limit", type_=Integer()))
+    )
+    if not sqlite:
+        ids = ids.with_for_update(skip_locked=True, of=candidate)
+    table = _DELIVERIES
+    return (
+        update(table)
+        .where(table.c.id.in_(ids.scalar_subquery()))
+        .values(
+            state=DeliveryState.SENDING.value,
+            attempts=table.c.attempts + 1,
+            lease_until=bindparam("claim_lease_until", type_=UtcDateTime()),
+            updated_at=bindparam("claim_now", type_=UtcDateTime()),
+        )
+        .returning(*(table.c[f.name] for f in fields(Claimed)))
+    )
+
+
 class DeliveryQueue:
     """Queue operations over the store's deliveries."""
 
@@ -88,56 +160,15 @@ class DeliveryQueue:
         if limit <= 0:
             return []
         now = utcnow()
-        candidate = aliased(DeliveryRow)
-        earlier = aliased(DeliveryRow)
-        blocked = (
-            select(earlier.id)
-            .where(
-                earlier.thread_key == candidate.thread_key,
-                earlier.seq < candidate.seq,
-                earlier.state.in_(_PENDING),
-            )
-            .correlate(candidate)
-            .exists()
-        )
-        ids = (
-            select(candidate.id)
-            .where(
-                candidate.channel == channel,
-                candidate.state == DeliveryState.QUEUED.value,
-                candidate.next_attempt_at <= now,
-                ~blocked,
-            )
-            .order_by(candidate.seq, candidate.id)
-            .limit(limit)
-        )
-        if not is_sqlite(self.store.url):
-            ids = ids.with_for_update(skip_locked=True, of=candidate)
-        statement = (
-            update(DeliveryRow)
-            .where(DeliveryRow.id.in_(ids.scalar_subquery()))
-            .values(
-                state=DeliveryState.SENDING.value,
-                attempts=DeliveryRow.attempts + 1,
-                lease_until=now + timedelta(seconds=lease_seconds),
-                updated_at=now,
-            )
-            .returning(
-                DeliveryRow.id,
-                DeliveryRow.update_id,
-                DeliveryRow.incident_id,
-                DeliveryRow.channel,
-                DeliveryRow.recipient,
-                DeliveryRow.language,
-                DeliveryRow.delivery_key,
-                DeliveryRow.thread_key,
-                DeliveryRow.attempts,
-                DeliveryRow.deadline_at,
-            )
-        )
-        async with self.store.transaction() as session:
-            rows = (await session.execute(statement)).all()
-        claimed = [Claimed(**row._mapping) for row in rows]
+        params = {
+            "claim_channel": channel,
+            "claim_now": now,
+            "claim_limit": limit,
+            "claim_lease_until": now + timedelta(seconds=lease_seconds),
+        }
+        async with self.store.connection() as conn:
+            rows = (await conn.execute(_claim_statement(is_sqlite(self.store.url)), params)).all()
+        claimed = [Claimed(*row) for row in rows]
         claimed.sort(key=lambda c: c.id)
         return claimed
 
@@ -164,28 +195,48 @@ class DeliveryQueue:
         return {key: Thread(root=refs[0], parent=refs[-1]) for key, refs in posts.items()}
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
-        """Write a batch of outcomes in one transaction."""
+        """Write a batch of outcomes in one transaction.
+
+        Outcomes alike but for their id (a webhook fan-out: all "delivered") become one
+        UPDATE … WHERE id IN (…); only receipts with provider ids are written row by row.
+        """
         if not outcomes:
             return
         now = utcnow()
-        params: list[dict[str, Any]] = [
-            {
-                "id": o.id,
-                "state": o.state.value,
-                "attempts": o.attempts,
-                "last_error": o.last_error,
-                "next_attempt_at": o.next_attempt_at,
-                "lease_until": None,
-                "provider_id": o.provider_id,
-                "permalink": o.permalink,
-                "provider_data": o.provider_data,
-                "sent_at": o.sent_at,
-                "updated_at": now,
-            }
-            for o in outcomes
-        ]
-        async with self.store.transaction() as session:
-            await session.execute(update(DeliveryRow), params)
+        alike: dict[tuple[Any, ...], list[int]] = {}
+        receipts: list[dict[str, Any]] = []
+        for o in outcomes:
+            if o.has_receipt:
+                receipts.append(
+                    {
+                        "b_id": o.id,
+                        "b_state": o.state.value,
+                        "b_provider_id": o.provider_id,
+                        "b_permalink": o.permalink,
+                        "b_provider_data": o.provider_data,
+                        "b_now": now,
+                    }
+                )
+            else:
+                key = (o.state, o.last_error, o.next_attempt_at, o.uncount_attempt)
+                alike.setdefault(key, []).append(o.id)
+        table = _DELIVERIES
+        async with self.store.connection() as conn:
+            for (state, last_error, next_attempt_at, uncount), ids in alike.items():
+                values: dict[str, Any] = {
+                    "state": state.value,
+                    "last_error": last_error,
+                    "next_attempt_at": next_attempt_at,
+                    "lease_until": None,
+                    "updated_at": now,
+                }
+                if state in _SUCCESS:
+                    values["sent_at"] = now
+                if uncount:
+                    values["attempts"] = table.c.attempts - 1
+                await conn.execute(update(table).where(table.c.id.in_(ids)).values(values))
+            if receipts:
+                await conn.execute(_SETTLE_RECEIPT, receipts)
 
     async def resume_sending(self, *, everything: bool) -> int:
         """Queue again deliveries left `sending` by a process that died.

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from broadcaster.errors import BroadcasterError, NotFoundError
 from broadcaster.models import (
@@ -36,6 +36,7 @@ from broadcaster.models import (
 )
 from broadcaster.store.engine import backup_sqlite, create_engine, ensure_schema, is_sqlite
 from broadcaster.store.tables import (
+    DELIVERIES,
     AuditRow,
     ChannelHealthRow,
     DeliveryRow,
@@ -179,6 +180,16 @@ class Store:
         await self.engine.dispose()
 
     @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        """One Core transaction, for the dispatcher's hot path (no ORM session cost)."""
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One transaction, committed on success, rolled back on error."""
         if self._write_lock is None:
@@ -301,7 +312,7 @@ class Store:
             for recipient, language in channel_plan.recipients
         ]
         if deliveries:
-            await session.execute(insert(DeliveryRow), deliveries)
+            await session.execute(insert(DELIVERIES), deliveries)
         session.add(
             _audit_row(
                 now,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -12,6 +12,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
 )
@@ -95,7 +96,7 @@ class RenderRow(Base):
 class DeliveryRow(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
-        Index("ix_deliveries_due", "channel", "state", "next_attempt_at"),
+        Index("ix_deliveries_due", "channel", "state", "seq", "id"),
         Index("ix_deliveries_thread", "thread_key", "seq"),
         Index("ix_deliveries_update_state", "update_id", "state"),
         Index("ix_deliveries_incident", "incident_id", "channel"),
@@ -154,3 +155,7 @@ class ChannelHealthRow(Base):
     channel: Mapped[str] = mapped_column(String(100), primary_key=True)
     broken_reason: Mapped[str | None] = mapped_column(Text)
     broken_at: Mapped[datetime | None]
+
+
+# The deliveries table for Core statements on the dispatcher's hot path.
+DELIVERIES = cast(Table, DeliveryRow.__table__)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001_initial
 Revises:
-Create Date: 2026-11-26 09:11:10.611154
+Create Date: 2026-11-26 09:57:08.986785
 """
 
 from collections.abc import Sequence
@@ -119,9 +119,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("delivery_key"),
     )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_deliveries_due", ["channel", "state", "next_attempt_at"], unique=False
-        )
+        batch_op.create_index("ix_deliveries_due", ["channel", "state", "seq", "id"], unique=False)
         batch_op.create_index("ix_deliveries_incident", ["incident_id", "channel"], unique=False)
         batch_op.create_index("ix_deliveries_thread", ["thread_key", "seq"], unique=False)
         batch_op.create_index("ix_deliveries_update_state", ["update_id", "state"], unique=False)
