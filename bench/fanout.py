@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broadcaster.runtime import run as run_loop
+
 HERE = Path(__file__).resolve().parent
 SINK = HERE / "sink.py"
 RESULT_PREFIX = "RESULT "
@@ -201,6 +203,14 @@ async def measure_aiohttp(port: int, n: int, concurrency: int, body_bytes: int) 
     return {**measured, "body_bytes": len(body), "ok": measured["delivered"] == n}
 
 
+def loop_name() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
+
+
 def worker_main(args: argparse.Namespace) -> None:
     """One contender, in this (fresh) process; prints one RESULT line."""
     if args.worker == "broadcaster":
@@ -214,7 +224,9 @@ def worker_main(args: argparse.Namespace) -> None:
         return await asyncio.wait_for(job, timeout=args.timeout)
 
     try:
-        result = asyncio.run(bounded())
+        # Every contender runs on the loop the broadcaster CLI uses (uvloop where it is
+        # installed), so the ratios compare code, not event loops.
+        result = run_loop(bounded())
     except TimeoutError:
         result = {"ok": False, "error": f"not finished within {args.timeout:.0f}s"}
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -462,8 +474,8 @@ def main() -> int:
 
     print(
         f"Fan-out of one update to N webhook targets — {platform.python_implementation()} "
-        f"{platform.python_version()}, {os.cpu_count()} CPUs, sink: {args.sink} in its own "
-        f"process on 127.0.0.1:{sink.port}"
+        f"{platform.python_version()}, {os.cpu_count()} CPUs, event loop: {loop_name()}, "
+        f"sink: {args.sink} in its own process on 127.0.0.1:{sink.port}"
     )
     header = (
         f"{'contender':<34}{'N':>7}{'seconds':>9}{'deliv/s':>10}"

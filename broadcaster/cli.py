@@ -124,8 +124,10 @@ def run_async(coroutine: Coroutine[Any, Any, T], known: type[Exception]) -> T:
         format="%(message)s",
         handlers=[RichHandler(console=console(stderr=True), show_path=False, show_time=False)],
     )
+    from broadcaster.runtime import run as run_loop
+
     try:
-        return asyncio.run(coroutine)
+        return run_loop(coroutine)
     except known as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:

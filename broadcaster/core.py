@@ -35,7 +35,7 @@ from broadcaster.models import (
     Update,
     UpdateRequest,
 )
-from broadcaster.store import ChannelPlan, PublishPlan, Store
+from broadcaster.store import ChannelPlan, DeliveryQueue, PublishPlan, Store
 from broadcaster.templates import RenderContext, TemplateLibrary
 from channels.base import Channel, ChannelContext
 
@@ -83,6 +83,7 @@ class Broadcaster:
         self.store = store
         self.channels = channels
         self.library = library
+        self.queue = DeliveryQueue(store)
         self.backend: DispatchBackend = EmbeddedBackend(store, channels, settings.dispatch)
 
     @classmethod
@@ -213,7 +214,6 @@ class Broadcaster:
                 plans[channel.name] = ChannelPlan(
                     render=render,
                     recipients=[(r.id, r.language) for r in channel.recipients()],
-                    deadline_seconds=channel.config.deadline_seconds,
                 )
         plan = PublishPlan(
             incident_id=incident.id if incident else None,
@@ -315,7 +315,9 @@ class Broadcaster:
             return await self.store.progress(update_ids=ids)
 
         async def settled() -> bool:
-            return all(p.pending == 0 or p.broken for p in await current())
+            # A cheap count on every tick; the full table only for displays.
+            broken = await self.queue.broken_channels()
+            return await self.queue.pending_count(update_ids=ids, except_channels=broken) == 0
 
         async def tick(dispatching: bool) -> None:
             if on_progress is not None:

@@ -61,7 +61,6 @@ def plan(
             channel: ChannelPlan(
                 render=render,
                 recipients=[(f"r{i}", None) for i in range(recipients)],
-                deadline_seconds=60,
             )
         },
     )
@@ -134,9 +133,9 @@ async def test_claim_keeps_order_within_a_thread(store: Store) -> None:
     )
     (followup,) = await queue.claim("hooks", 10, lease_seconds=60)
     assert followup.update_id != first.id
-    threads = await queue.threads([followup.thread_key])
-    assert threads[followup.thread_key].root.provider_id == "post-1"
-    assert threads[followup.thread_key].root.data == {"cid": "c1"}
+    threads = await queue.threads("hooks", [followup])
+    assert threads[followup.thread].root.provider_id == "post-1"
+    assert threads[followup.thread].root.data == {"cid": "c1"}
 
 
 async def test_claim_skips_deliveries_not_yet_due(store: Store) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from broadcaster.config import DispatchSettings
 from broadcaster.dispatch.ratelimit import RateLimiters
@@ -47,7 +47,12 @@ def retry_policy(channel: Channel) -> RetryPolicy:
 
 
 def outcome_of_failure(
-    claimed: Claimed, error: Exception, policy: RetryPolicy, now: datetime
+    claimed: Claimed,
+    error: Exception,
+    policy: RetryPolicy,
+    now: datetime,
+    *,
+    deadline_seconds: float,
 ) -> Outcome:
     """Turn an adapter's classified error into the delivery's next state."""
     message = str(error) or type(error).__name__
@@ -59,12 +64,13 @@ def outcome_of_failure(
             claimed.id,
             DeliveryState.QUEUED,
             last_error=message,
-            next_attempt_at=now,
+            next_attempt_at=None,
             uncount_attempt=True,
         )
     retry_after = error.retry_after if isinstance(error, TransientError) else None
+    deadline = claimed.deadline_at or claimed.created_at + timedelta(seconds=deadline_seconds)
     when = policy.next_attempt(
-        attempt=claimed.attempts, now=now, deadline=claimed.deadline_at, retry_after=retry_after
+        attempt=claimed.attempts, now=now, deadline=deadline, retry_after=retry_after
     )
     if when is None:
         return Outcome(
@@ -162,11 +168,11 @@ class Dispatcher:
         for update_id in missing:
             for name, render in (await self.store.renders(update_id)).items():
                 self._renders[(update_id, name)] = render
-        threads: dict[str, Thread] = {}
+        threads: dict[tuple[int, str], Thread] = {}
         if channel.capabilities.threads:
-            threads = await self.queue.threads([c.thread_key for c in claimed])
+            threads = await self.queue.threads(channel.name, claimed)
         for item in claimed:
-            task = asyncio.create_task(self._send(channel, item, threads.get(item.thread_key)))
+            task = asyncio.create_task(self._send(channel, item, threads.get(item.thread)))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
 
@@ -197,19 +203,29 @@ class Dispatcher:
                 provider_data=receipt.data or None,
             )
         except (TransientError, PermanentError, ChannelBrokenError) as error:
-            outcome = outcome_of_failure(claimed, error, retry_policy(channel), utcnow())
+            outcome = self._failure(channel, claimed, error)
             if isinstance(error, ChannelBrokenError):
                 broken = str(error)
         except TimeoutError:
             timeout = TransientError(
                 f"{channel.name}: no answer within {SEND_TIMEOUT_SECONDS:.0f}s"
             )
-            outcome = outcome_of_failure(claimed, timeout, retry_policy(channel), utcnow())
+            outcome = self._failure(channel, claimed, timeout)
         except Exception as error:  # an adapter bug must not kill the dispatcher
             log.exception("%s: unexpected error from the adapter", channel.name)
             wrapped = TransientError(f"{channel.name}: unexpected {type(error).__name__}")
-            outcome = outcome_of_failure(claimed, wrapped, retry_policy(channel), utcnow())
+            outcome = self._failure(channel, claimed, wrapped)
         self._outcomes.put_nowait((channel.name, outcome, broken))
+
+    @staticmethod
+    def _failure(channel: Channel, claimed: Claimed, error: Exception) -> Outcome:
+        return outcome_of_failure(
+            claimed,
+            error,
+            retry_policy(channel),
+            utcnow(),
+            deadline_seconds=channel.config.deadline_seconds,
+        )
 
     async def _write_outcomes(self) -> None:
         while True:

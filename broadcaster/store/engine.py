@@ -19,6 +19,10 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 HEAD_REVISION = "0001_initial"
 
 
+# Execution option marking a connection that will write (see the "begin" event below).
+WRITE_OPTION = "broadcaster_writes"
+
+
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
@@ -46,10 +50,13 @@ def create_engine(url: str) -> AsyncEngine:
             dbapi_connection.isolation_level = None
 
         @event.listens_for(engine.sync_engine, "begin")
-        def _begin_immediate(conn: Any) -> None:
-            # IMMEDIATE takes the write lock up front, so two processes (a CLI and a
-            # `serve`) queue on busy_timeout instead of deadlocking on a lock upgrade.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn: Any) -> None:
+            # A writing transaction takes the write lock up front (IMMEDIATE), so two
+            # processes (a CLI and a `serve`) queue on busy_timeout instead of failing on
+            # a lock upgrade; a reading one takes no lock at all (WAL readers see a
+            # snapshot and never block the writer).
+            writes = conn.get_execution_options().get(WRITE_OPTION, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, func, select, update
+from sqlalchemy import Integer, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from broadcaster.models import PENDING_STATES, DeliveryState, PostRef, Thread
@@ -40,9 +40,14 @@ class Claimed:
     recipient: str
     language: str | None
     delivery_key: str
-    thread_key: str
     attempts: int
-    deadline_at: datetime
+    created_at: datetime
+    deadline_at: datetime | None  # None: created_at + the channel's deadline
+
+    @property
+    def thread(self) -> tuple[int, str]:
+        """Deliveries of one incident to one recipient of a channel form a thread."""
+        return (self.incident_id, self.recipient)
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,9 @@ def _claim_statement(sqlite: bool) -> Any:
     blocked = (
         select(earlier.c.id)
         .where(
-            earlier.c.thread_key == candidate.c.thread_key,
+            earlier.c.incident_id == candidate.c.incident_id,
+            earlier.c.channel == candidate.c.channel,
+            earlier.c.recipient == candidate.c.recipient,
             earlier.c.seq < candidate.c.seq,
             earlier.c.state.in_(_PENDING),
         )
@@ -123,7 +130,10 @@ def _claim_statement(sqlite: bool) -> Any:
         .where(
             candidate.c.channel == bindparam("claim_channel"),
             candidate.c.state == DeliveryState.QUEUED.value,
-            candidate.c.next_attempt_at <= bindparam("claim_now", type_=UtcDateTime()),
+            or_(
+                candidate.c.next_attempt_at.is_(None),
+                candidate.c.next_attempt_at <= bindparam("claim_now", type_=UtcDateTime()),
+            ),
             ~blocked,
         )
         .order_by(candidate.c.seq, candidate.c.id)
@@ -172,26 +182,36 @@ class DeliveryQueue:
         claimed.sort(key=lambda c: c.id)
         return claimed
 
-    async def threads(self, thread_keys: Sequence[str]) -> dict[str, Thread]:
-        """For each thread that has posts already: its first post and its latest one."""
-        if not thread_keys:
+    async def threads(
+        self, channel: str, claimed: Sequence[Claimed]
+    ) -> dict[tuple[int, str], Thread]:
+        """For each claimed delivery's thread that has posts already: its first and latest."""
+        if not claimed:
             return {}
-        async with self.store.sessions() as session:
+        table = _DELIVERIES
+        async with self.store.engine.connect() as conn:  # a read: no write lock
             rows = (
-                await session.execute(
+                await conn.execute(
                     select(
-                        DeliveryRow.thread_key, DeliveryRow.provider_id, DeliveryRow.provider_data
+                        table.c.incident_id,
+                        table.c.recipient,
+                        table.c.provider_id,
+                        table.c.provider_data,
                     )
                     .where(
-                        DeliveryRow.thread_key.in_(set(thread_keys)),
-                        DeliveryRow.provider_id.is_not(None),
+                        table.c.channel == channel,
+                        table.c.incident_id.in_({c.incident_id for c in claimed}),
+                        table.c.recipient.in_({c.recipient for c in claimed}),
+                        table.c.provider_id.is_not(None),
                     )
-                    .order_by(DeliveryRow.seq)
+                    .order_by(table.c.seq)
                 )
             ).all()
-        posts: dict[str, list[PostRef]] = {}
-        for key, provider_id, data in rows:
-            posts.setdefault(key, []).append(PostRef(provider_id=provider_id, data=data or {}))
+        posts: dict[tuple[int, str], list[PostRef]] = {}
+        for incident_id, recipient, provider_id, data in rows:
+            posts.setdefault((incident_id, recipient), []).append(
+                PostRef(provider_id=provider_id, data=data or {})
+            )
         return {key: Thread(root=refs[0], parent=refs[-1]) for key, refs in posts.items()}
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
@@ -255,7 +275,7 @@ class DeliveryQueue:
                 .values(
                     state=DeliveryState.QUEUED.value,
                     lease_until=None,
-                    next_attempt_at=now,
+                    next_attempt_at=None,
                     updated_at=now,
                 )
             )
@@ -274,13 +294,17 @@ class DeliveryQueue:
         return due
 
     async def pending_count(
-        self, *, update_ids: Sequence[int] | None = None, channels: Sequence[str] | None = None
+        self,
+        *,
+        update_ids: Sequence[int] | None = None,
+        except_channels: Sequence[str] = (),
     ) -> int:
+        """Deliveries still queued or sending (of these updates, outside these channels)."""
         query = select(func.count()).where(DeliveryRow.state.in_(_PENDING))
         if update_ids is not None:
             query = query.where(DeliveryRow.update_id.in_(update_ids))
-        if channels is not None:
-            query = query.where(DeliveryRow.channel.in_(channels))
+        if except_channels:
+            query = query.where(DeliveryRow.channel.not_in(except_channels))
         async with self.store.sessions() as session:
             return int(await session.scalar(query) or 0)
 
@@ -339,6 +363,13 @@ class DeliveryQueue:
         async with self.store.sessions() as session:
             row = await session.get(ChannelHealthRow, channel)
         return row is not None and row.broken_reason is not None
+
+    async def broken_channels(self) -> list[str]:
+        async with self.store.sessions() as session:
+            rows = await session.scalars(
+                select(ChannelHealthRow.channel).where(ChannelHealthRow.broken_reason.is_not(None))
+            )
+            return list(rows)
 
     async def mark_healthy(self, channels: Sequence[str]) -> None:
         async with self.store.transaction() as session:

@@ -34,7 +34,13 @@ from broadcaster.models import (
     IncidentStatus,
     Update,
 )
-from broadcaster.store.engine import backup_sqlite, create_engine, ensure_schema, is_sqlite
+from broadcaster.store.engine import (
+    WRITE_OPTION,
+    backup_sqlite,
+    create_engine,
+    ensure_schema,
+    is_sqlite,
+)
 from broadcaster.store.tables import (
     DELIVERIES,
     AuditRow,
@@ -56,18 +62,12 @@ def delivery_key(update_id: int, channel: str, recipient: str) -> str:
     return _key("delivery", update_id, channel, recipient)
 
 
-def thread_key(incident_id: int, channel: str, recipient: str) -> str:
-    """Deliveries of one incident to one channel and recipient form a thread, sent in order."""
-    return _key("thread", incident_id, channel, recipient)
-
-
 @dataclass
 class ChannelPlan:
     """Where one channel delivers an update."""
 
     render: ChannelRender
     recipients: list[tuple[str, str | None]]  # (recipient id, language)
-    deadline_seconds: float
 
 
 @dataclass
@@ -155,7 +155,7 @@ def delivery_model(row: DeliveryRow) -> Delivery:
         permalink=row.permalink,
         last_error=row.last_error,
         created_at=row.created_at,
-        updated_at=row.updated_at,
+        updated_at=row.updated_at or row.created_at,
     )
 
 
@@ -165,7 +165,9 @@ class Store:
     def __init__(self, engine: AsyncEngine, url: str) -> None:
         self.engine = engine
         self.url = url
-        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)  # reads
+        self.writer = engine.execution_options(**{WRITE_OPTION: True})
+        self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         # SQLite has one writer: serialise this process's transactions instead of
         # letting them fight over the file lock.
         self._write_lock = asyncio.Lock() if is_sqlite(url) else None
@@ -183,20 +185,20 @@ class Store:
     async def connection(self) -> AsyncIterator[AsyncConnection]:
         """One Core transaction, for the dispatcher's hot path (no ORM session cost)."""
         if self._write_lock is None:
-            async with self.engine.begin() as conn:
+            async with self.writer.begin() as conn:
                 yield conn
             return
-        async with self._write_lock, self.engine.begin() as conn:
+        async with self._write_lock, self.writer.begin() as conn:
             yield conn
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One transaction, committed on success, rolled back on error."""
         if self._write_lock is None:
-            async with self.sessions.begin() as session:
+            async with self._write_sessions.begin() as session:
                 yield session
             return
-        async with self._write_lock, self.sessions.begin() as session:
+        async with self._write_lock, self._write_sessions.begin() as session:
             yield session
 
     # -- publishing ---------------------------------------------------------------
@@ -300,13 +302,9 @@ class Store:
                 "recipient": recipient,
                 "language": language,
                 "delivery_key": delivery_key(row.id, name, recipient),
-                "thread_key": thread_key(incident.id, name, recipient),
                 "state": DeliveryState.QUEUED.value,
                 "attempts": 0,
-                "next_attempt_at": now,
-                "deadline_at": now + timedelta(seconds=channel_plan.deadline_seconds),
                 "created_at": now,
-                "updated_at": now,
             }
             for name, channel_plan in plan.channels.items()
             for recipient, language in channel_plan.recipients
@@ -529,7 +527,7 @@ class Store:
                     continue
                 row.state = DeliveryState.QUEUED.value
                 row.attempts = 0
-                row.next_attempt_at = now
+                row.next_attempt_at = None
                 row.deadline_at = now + timedelta(seconds=deadline_seconds.get(row.channel, 3600))
                 row.updated_at = now
                 requeued += 1

@@ -97,7 +97,7 @@ class DeliveryRow(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
         Index("ix_deliveries_due", "channel", "state", "seq", "id"),
-        Index("ix_deliveries_thread", "thread_key", "seq"),
+        Index("ix_deliveries_thread", "incident_id", "channel", "recipient", "seq"),
         Index("ix_deliveries_update_state", "update_id", "state"),
         Index("ix_deliveries_incident", "incident_id", "channel"),
     )
@@ -110,18 +110,19 @@ class DeliveryRow(Base):
     recipient: Mapped[str] = mapped_column(String(300))
     language: Mapped[str | None] = mapped_column(String(20))
     delivery_key: Mapped[str] = mapped_column(String(64), unique=True)
-    thread_key: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(20))
     attempts: Mapped[int] = mapped_column(default=0)
-    next_attempt_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None] = mapped_column(doc="NULL: due now")
     lease_until: Mapped[datetime | None]
-    deadline_at: Mapped[datetime]
+    deadline_at: Mapped[datetime | None] = mapped_column(
+        doc="NULL: created_at + the channel's deadline_seconds"
+    )
     provider_id: Mapped[str | None] = mapped_column(String(300))
     permalink: Mapped[str | None] = mapped_column(Text)
     provider_data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
-    updated_at: Mapped[datetime]
+    updated_at: Mapped[datetime | None] = mapped_column(doc="NULL: unchanged since created")
     sent_at: Mapped[datetime | None]
 
 

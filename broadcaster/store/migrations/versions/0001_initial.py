@@ -2,7 +2,7 @@
 
 Revision ID: 0001_initial
 Revises:
-Create Date: 2026-11-26 09:57:08.986785
+Create Date: 2026-11-26 10:02:48.135977
 """
 
 from collections.abc import Sequence
@@ -94,18 +94,17 @@ def upgrade() -> None:
         sa.Column("recipient", sa.String(length=300), nullable=False),
         sa.Column("language", sa.String(length=20), nullable=True),
         sa.Column("delivery_key", sa.String(length=64), nullable=False),
-        sa.Column("thread_key", sa.String(length=64), nullable=False),
         sa.Column("state", sa.String(length=20), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("deadline_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("deadline_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("provider_id", sa.String(length=300), nullable=True),
         sa.Column("permalink", sa.Text(), nullable=True),
         sa.Column("provider_data", sa.JSON(), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["incident_id"],
@@ -121,7 +120,9 @@ def upgrade() -> None:
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.create_index("ix_deliveries_due", ["channel", "state", "seq", "id"], unique=False)
         batch_op.create_index("ix_deliveries_incident", ["incident_id", "channel"], unique=False)
-        batch_op.create_index("ix_deliveries_thread", ["thread_key", "seq"], unique=False)
+        batch_op.create_index(
+            "ix_deliveries_thread", ["incident_id", "channel", "recipient", "seq"], unique=False
+        )
         batch_op.create_index("ix_deliveries_update_state", ["update_id", "state"], unique=False)
 
     op.create_table(
