@@ -45,7 +45,10 @@ class DispatchSettings(BaseModel):
 
     lease_seconds: float = Field(default=15.0, gt=1, description="dispatcher lease, renewed at 1/3")
     sending_lease_seconds: float = Field(
-        default=120.0, gt=1, description="a delivery left 'sending' this long is resumed"
+        default=600.0,
+        gt=1,
+        description="a delivery left 'sending' this long (rate-limit waits included) is "
+        "sent again",
     )
     poll_seconds: float = Field(
         default=0.25, gt=0, description="idle wait between looks at the queue"

@@ -8,6 +8,7 @@ async with await Broadcaster.open() as b:
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -104,6 +105,10 @@ class Broadcaster:
         store = await Store.open(settings.store_url)
         broadcaster = cls(settings, store, channels, library)
         context.write_public_site = broadcaster.write_public_site
+        # Everything built so far (settings, channels with maybe thousands of targets,
+        # templates) lives as long as the process: move it out of the collector's way.
+        # Walking it on every full collection cost ~20% of a 10,000-target fan-out.
+        gc.freeze()
         return broadcaster
 
     async def close(self) -> None:

@@ -98,7 +98,10 @@ class EmbeddedBackend(DispatchBackend):
                         stop = asyncio.Event()
                         self._dispatcher = Dispatcher(self.store, self.channels, self.settings)
                         running = asyncio.create_task(self._dispatcher.run(stop))
-                    elif not holds and running is not None:
+                    elif holds:
+                        # A send stuck past its lease (a hung task) is sent again.
+                        await self.queue.resume_sending(everything=False)
+                    elif running is not None:
                         log.warning("lost the dispatcher lease; only watching now")
                         stop.set()
                         await running

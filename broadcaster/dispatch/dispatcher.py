@@ -150,9 +150,14 @@ class Dispatcher:
                 # write transaction) stay large instead of one per settled batch.
                 await self._sleep(state, self.settings.poll_seconds)
                 continue
-            claimed = await self.queue.claim(
-                channel.name, free, self.settings.sending_lease_seconds
-            )
+            try:
+                claimed = await self.queue.claim(
+                    channel.name, free, self.settings.sending_lease_seconds
+                )
+            except Exception:  # the store is busy or briefly gone: look again later
+                log.exception("%s: could not claim deliveries; retrying", channel.name)
+                await self._sleep(state, BROKEN_RECHECK_SECONDS)
+                continue
             if claimed:
                 state.unsettled += len(claimed)
                 await self._start_sends(channel, claimed)
