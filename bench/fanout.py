@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from broadcaster.runtime import run as run_loop
+from channels.webhook import WebhookChannel
 
 HERE = Path(__file__).resolve().parent
 SINK = HERE / "sink.py"
@@ -397,7 +398,11 @@ def main() -> int:
     )
     parser.add_argument("-n", type=int, default=10_000, help="targets (default 10000)")
     parser.add_argument(
-        "--concurrency", type=int, default=64, help="broadcaster and aiohttp (default 64)"
+        "--concurrency",
+        type=int,
+        default=WebhookChannel.default_concurrency,
+        help="broadcaster and aiohttp (default: the webhook adapter's, "
+        f"{WebhookChannel.default_concurrency})",
     )
     parser.add_argument(
         "--apprise-n",

@@ -68,7 +68,7 @@ class WebhookChannel(HttpChannel):
     default_rate_limit: ClassVar[RateLimit] = RateLimit(
         per_target_per_second=10, per_target_burst=5
     )
-    default_concurrency: ClassVar[int] = 64
+    default_concurrency: ClassVar[int] = 128  # receivers are many hosts: keep them busy
     config_model: ClassVar[type[ChannelConfig]] = WebhookConfig
 
     config: WebhookConfig
