@@ -47,8 +47,7 @@ class DispatchSettings(BaseModel):
     sending_lease_seconds: float = Field(
         default=600.0,
         gt=1,
-        description="a delivery left 'sending' this long (rate-limit waits included) is "
-        "sent again",
+        description="a delivery left 'sending' this long (rate-limit waits included) is sent again",
     )
     poll_seconds: float = Field(
         default=0.25, gt=0, description="idle wait between looks at the queue"
