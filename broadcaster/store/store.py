@@ -7,9 +7,10 @@ deliveries before any provider is called, so a crash after it loses nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -169,8 +170,10 @@ class Store:
         self.writer = engine.execution_options(**{WRITE_OPTION: True})
         self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         # SQLite has one writer: serialise this process's transactions instead of
-        # letting them fight over the file lock.
-        self._write_lock = asyncio.Lock() if is_sqlite(url) else None
+        # letting them fight over the file lock. PostgreSQL needs no such thing.
+        self._write_lock: AbstractAsyncContextManager[Any] = (
+            asyncio.Lock() if is_sqlite(url) else contextlib.nullcontext()
+        )
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -183,21 +186,13 @@ class Store:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
-        """One Core transaction, for the dispatcher's hot path (no ORM session cost)."""
-        if self._write_lock is None:
-            async with self.writer.begin() as conn:
-                yield conn
-            return
+        """One writing Core transaction, for the dispatcher's hot path (no ORM session)."""
         async with self._write_lock, self.writer.begin() as conn:
             yield conn
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One transaction, committed on success, rolled back on error."""
-        if self._write_lock is None:
-            async with self._write_sessions.begin() as session:
-                yield session
-            return
+        """One writing transaction, committed on success, rolled back on error."""
         async with self._write_lock, self._write_sessions.begin() as session:
             yield session
 
