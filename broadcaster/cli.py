@@ -664,6 +664,36 @@ def demo(
     run_async(run_demo(folder.resolve(), console()), BroadcasterError)
 
 
+@app.command("serve")
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (serve.port).")] = None,
+) -> None:
+    """Run the HTTP app: the live status page and banner, health probes, and dispatch."""
+
+    async def work(b: Broadcaster) -> None:
+        import uvicorn
+
+        from broadcaster.server import GracefulServer, create_app
+
+        settings = b.settings.serve
+        config = uvicorn.Config(
+            create_app(b),
+            host=host or settings.host,
+            port=settings.port if port is None else port,
+            log_level="warning",
+            lifespan="on",
+        )
+        server = GracefulServer(config)
+        console(stderr=True).print(
+            f"serving on http://{config.host}:{config.port} — status page at /, "
+            "health at /healthz and /readyz; Ctrl-C stops after in-flight sends"
+        )
+        await server.serve()
+
+    run(work)
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the store's migrations (done automatically on first use)."""

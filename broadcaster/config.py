@@ -55,6 +55,26 @@ class DispatchSettings(BaseModel):
     flush_batch: int = Field(default=500, gt=0)
 
 
+class ServeSettings(BaseModel):
+    """`broadcaster serve`: where it listens and what its public side shows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_channel: str | None = Field(
+        default=None,
+        description="the banner channel whose updates the live site shows "
+        "(default: the first banner channel)",
+    )
+    ready_stall_seconds: float = Field(
+        default=120.0, gt=0, description="/readyz fails when a due delivery waits this long"
+    )
+    site_cache_seconds: float = Field(
+        default=2.0, ge=0, description="the live site is rendered at most this often"
+    )
+
+
 class Settings(BaseSettings):
     """Everything broadcaster.toml can say; BROADCASTER_* environment variables override it."""
 
@@ -76,6 +96,7 @@ class Settings(BaseSettings):
     )
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod

@@ -8,6 +8,7 @@ async with await Broadcaster.open() as b:
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -333,6 +334,29 @@ class Broadcaster:
         if on_progress is not None:
             await on_progress(final, False)
         return final
+
+    async def dispatch_until(self, stop: asyncio.Event) -> None:
+        """Drive deliveries while this process holds the dispatcher lease (watch
+        otherwise), until `stop` is set: what `broadcaster serve` runs."""
+
+        async def stopped() -> bool:
+            return stop.is_set()
+
+        await self.backend.drive(stopped)
+
+    async def dispatch_problem(self) -> str | None:
+        """Why dispatch looks stalled, or None: for readiness probes."""
+        try:
+            broken = await self.queue.broken_channels()
+            oldest = await self.queue.oldest_due(except_channels=broken)
+        except Exception as exc:
+            return f"store unreachable: {type(exc).__name__}"
+        limit = self.settings.serve.ready_stall_seconds
+        if oldest is not None:
+            waited = (datetime.now(UTC) - oldest).total_seconds()
+            if waited > limit:
+                return f"a due delivery has waited {waited:.0f}s (limit {limit:.0f}s)"
+        return None
 
     # -- reading ------------------------------------------------------------------------
 

@@ -59,8 +59,7 @@ class EmbeddedBackend(DispatchBackend):
         self.tick_seconds = tick_seconds
         self.holder = new_holder_id()
         self._dispatcher: Dispatcher | None = None
-        # One drive at a time: a second waiter queues behind the first, whose channels
-        # are closed when it ends.
+        # One drive at a time per process: its dispatcher owns the channels' sessions.
         self._driving = asyncio.Lock()
 
     def published(self) -> None:
@@ -68,6 +67,14 @@ class EmbeddedBackend(DispatchBackend):
             self._dispatcher.wake()
 
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
+        # This process may already be driving (a `serve` running, or an earlier waiter
+        # winding down): wait alongside it, and take over if it ends first.
+        while self._driving.locked():
+            if await until():
+                return
+            if on_tick is not None:
+                await on_tick(self._dispatcher is not None)
+            await asyncio.sleep(self.tick_seconds)
         async with self._driving:
             await self._drive(until, on_tick)
 

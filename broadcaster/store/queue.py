@@ -8,7 +8,7 @@ import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, bindparam, func, or_, select, update
@@ -363,6 +363,18 @@ class DeliveryQueue:
         async with self.store.sessions() as session:
             row = await session.get(ChannelHealthRow, channel)
         return row is not None and row.broken_reason is not None
+
+    async def oldest_due(self, *, except_channels: Sequence[str] = ()) -> datetime | None:
+        """When the longest-waiting queued delivery became due (NULL next attempt: created)."""
+        due = func.coalesce(DeliveryRow.next_attempt_at, DeliveryRow.created_at)
+        query = select(func.min(due)).where(DeliveryRow.state == DeliveryState.QUEUED.value)
+        if except_channels:
+            query = query.where(DeliveryRow.channel.not_in(except_channels))
+        async with self.store.sessions() as session:
+            value = await session.scalar(query)
+        if isinstance(value, str):  # SQLite hands coalesce() back as text
+            value = datetime.fromisoformat(value).replace(tzinfo=UTC)
+        return value
 
     async def broken_channels(self) -> list[str]:
         async with self.store.sessions() as session:

@@ -1,0 +1,212 @@
+"""`broadcaster serve`: the live public side, health probes, and dispatch while it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import tomli_w
+import uvicorn
+
+from broadcaster.core import Broadcaster
+from broadcaster.errors import ConfigError
+from broadcaster.models import ChannelProgress, ComponentState, IncidentStatus, UpdateRequest
+from broadcaster.sandbox import Behaviour, WebhookReceiver
+from broadcaster.server import create_app
+from tests.conftest import MakeBroadcaster, webhook_channel
+
+BANNER = {"type": "banner", "languages": ["en", "fr"], "output": "public"}
+OPENING = UpdateRequest(
+    status=IncidentStatus.INVESTIGATING,
+    title="Charging sessions fail",
+    components={"app": ComponentState.MAJOR_OUTAGE},
+    fields={"summary": "Starting a charge fails.", "summary.fr": "Le démarrage échoue."},
+    actor="test",
+)
+
+
+@asynccontextmanager
+async def serving(broadcaster: Broadcaster, *, dispatch: bool = True) -> AsyncIterator[str]:
+    """The app on uvicorn on 127.0.0.1, an ephemeral port; yields its base URL."""
+    config = uvicorn.Config(
+        create_app(broadcaster, dispatch=dispatch), host="127.0.0.1", port=0, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "the server did not start"
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def test_public_side_is_served_live_from_the_store(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster(
+        {"status-page": BANNER}, components={"app": "Mobile app"}, serve={"site_cache_seconds": 0}
+    )
+    async with serving(b) as base:
+        status, _, body = await get(f"{base}/")
+        assert status == 200 and b"All systems operational" in body
+
+        result = await b.publish(OPENING)
+        await asyncio.wait_for(b.wait([result.update.id]), timeout=10)
+
+        status, headers, body = await get(f"{base}/")
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+        assert "Charging sessions fail" in body.decode()
+        status, _, body = await get(f"{base}/fr/")
+        assert "Le démarrage échoue." in body.decode()
+        status, headers, body = await get(f"{base}/status.fr.json")
+        assert headers["Access-Control-Allow-Origin"] == "*"  # apps on other origins read it
+        assert json.loads(body)["incidents"][0]["title"] == "Charging sessions fail"
+        status, headers, _ = await get(f"{base}/banner.js")
+        assert status == 200 and "javascript" in headers["Content-Type"]
+        status, headers, _ = await get(f"{base}/feed.atom")
+        assert status == 200 and "atom" in headers["Content-Type"]
+        status, _, body = await get(f"{base}/api/v2/summary.json")
+        assert json.loads(body)["status"]["indicator"] in ("major", "critical")
+        status, _, _ = await get(f"{base}/en/")
+        assert status == 200  # the default language also answers by name
+        status, _, _ = await get(f"{base}/../secrets")
+        assert status == 404
+
+
+async def test_serve_dispatches_and_a_cli_on_the_same_store_only_watches(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    channels = {"status-page": BANNER, "hooks": webhook_channel(receiver, ["a", "b", "c"])}
+    server_side = await make_broadcaster(channels)
+    cli_side = await make_broadcaster(channels)  # another process's view of the same store
+    seen: list[bool] = []
+
+    async def record(_progress: list[ChannelProgress], dispatching: bool) -> None:
+        seen.append(dispatching)
+
+    async with serving(server_side):
+        await asyncio.sleep(0.3)  # the server takes the dispatcher lease
+        result = await cli_side.publish(OPENING)
+        progress = await asyncio.wait_for(cli_side.wait([result.update.id], record), timeout=15)
+    assert seen and not any(seen)  # the CLI never dispatched: the server did
+    hooks = next(p for p in progress if p.channel == "hooks")
+    assert hooks.counts == {"delivered": 3}
+    assert len(receiver.received) == 3
+
+
+async def test_readyz_fails_when_dispatch_stalls(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster(
+        {"status-page": BANNER, "hooks": webhook_channel(receiver, ["a"])},
+        serve={"ready_stall_seconds": 0.2},
+    )
+    async with serving(b, dispatch=False) as base:
+        status, _, body = await get(f"{base}/readyz")
+        assert status == 200
+        await b.publish(OPENING)
+        await asyncio.sleep(0.4)  # nobody dispatches
+        status, _, body = await get(f"{base}/readyz")
+        assert status == 503 and "has waited" in json.loads(body)["reason"]
+        status, _, _ = await get(f"{base}/healthz")
+        assert status == 200  # alive, just not ready
+
+
+async def test_serve_needs_a_banner_channel_and_says_so(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"])})
+    with pytest.raises(ConfigError, match='type = "banner"'):
+        create_app(b)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_serve_command_answers_and_stops_gracefully_on_sigterm(
+    tmp_path: Path, thread_receiver: WebhookReceiver
+) -> None:
+    thread_receiver.default(Behaviour(delay=0.3))
+    port = free_port()
+    config = tmp_path / "broadcaster.toml"
+    config.write_text(
+        tomli_w.dumps(
+            {
+                "channels": {
+                    "status-page": BANNER,
+                    "hooks": webhook_channel(thread_receiver, [f"t{i}" for i in range(20)]),
+                },
+                "serve": {"port": port},
+            }
+        )
+    )
+    broadcaster_bin = str(Path(sys.executable).with_name("broadcaster"))
+    server = subprocess.Popen(
+        [broadcaster_bin, "--config", str(config), "serve"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        health = wait_for(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read(),
+            timeout=20,
+        )
+        assert json.loads(health) == {"status": "ok"}
+        published = subprocess.run(
+            [broadcaster_bin, "--config", str(config), "open", "--title", "API down",
+             "--set", "summary=Requests fail.", "--yes", "--no-wait"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert published.returncode == 0, published.stderr
+        thread_receiver.wait_for_blocking(1, timeout=10)  # the server is sending
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    # Nothing left half-recorded: every delivery is settled or still queued, none "sending".
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "broadcaster.db") as conn:
+        states = dict(conn.execute("SELECT state, count(*) FROM deliveries GROUP BY state"))
+    assert "sending" not in states
+    assert states.get("delivered", 0) >= 1
+    assert os.path.exists(tmp_path / "public" / "index.html")
