@@ -100,7 +100,11 @@ async def run_demo(folder: Path, console: Console) -> None:
                             "app": ComponentState.MAJOR_OUTAGE,
                             "api": ComponentState.PARTIAL_OUTAGE,
                         },
-                        fields={"summary": "Starting a charge from the app fails for most users."},
+                        fields={
+                            "summary": "Starting a charge from the app fails for most users.",
+                            "summary.fr": "Le démarrage d'une recharge depuis l'application "
+                            "échoue pour la plupart des utilisateurs.",
+                        },
                         next_update_at=now + timedelta(minutes=15),
                         actor="demo",
                     ),
@@ -113,8 +117,12 @@ async def run_demo(folder: Path, console: Console) -> None:
                         fields={
                             "summary": "A faulty release of our payment service blocks new "
                             "charging sessions.",
+                            "summary.fr": "Une version défectueuse de notre service de "
+                            "paiement bloque les nouvelles recharges.",
                             "eta": "within the hour",
+                            "eta.fr": "d'ici une heure",
                             "workaround": "Use the RFID card at the charger.",
+                            "workaround.fr": "Utilisez le badge RFID à la borne.",
                         },
                         next_update_at=now + timedelta(minutes=30),
                         actor="demo",
@@ -125,7 +133,11 @@ async def run_demo(folder: Path, console: Console) -> None:
                     True,
                     UpdateRequest(
                         status=IncidentStatus.RESOLVED,
-                        fields={"summary": "The release was rolled back; charging works again."},
+                        fields={
+                            "summary": "The release was rolled back; charging works again.",
+                            "summary.fr": "La version a été retirée ; la recharge fonctionne "
+                            "de nouveau.",
+                        },
                         actor="demo",
                     ),
                 ),

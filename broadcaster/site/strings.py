@@ -104,7 +104,7 @@ _FR: dict[str, str] = {
     "state_partial_outage": "Panne partielle",
     "state_major_outage": "Panne majeure",
     "state_under_maintenance": "En maintenance",
-    "status_investigating": "Analyse en cours",
+    "status_investigating": "Enquête en cours",
     "status_identified": "Cause identifiée",
     "status_monitoring": "Sous surveillance",
     "status_resolved": "Résolu",
