@@ -664,6 +664,27 @@ def demo(
     run_async(run_demo(folder.resolve(), console()), BroadcasterError)
 
 
+@app.command("export-site")
+def export_site(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the public side into")],
+    channel: Annotated[
+        str | None, typer.Option(help="Banner channel to export (default: serve's)")
+    ] = None,
+) -> None:
+    """Write the status page, banner JSON and script, and feeds as static files."""
+
+    async def work(b: Broadcaster) -> list[Path]:
+        from broadcaster.server.live_site import public_channel
+
+        name = channel or public_channel(b)
+        if name not in b.channels or b.channels[name].config.type != "banner":
+            raise fail(f"'{name}' is not a banner channel")
+        return await b.write_public_site(name, b.channels[name].languages, folder)
+
+    written = run(work)
+    console().print(f"wrote {len(written)} files to {folder} — serve it from any static host")
+
+
 @app.command("serve")
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (serve.host).")] = None,

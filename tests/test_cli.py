@@ -580,3 +580,13 @@ def test_demo_rehearses_an_incident_and_writes_the_status_page(tmp_path: Path) -
     assert "┘─" not in result.stdout  # each progress table ends its line before the next rule
     assert (folder / "public" / "index.html").is_file()
     assert (folder / "public" / "fr" / "index.html").is_file()
+
+
+def test_export_site_writes_the_public_side_as_files(cli: Cli, tmp_path: Path) -> None:
+    cli.ok(*open_args("--yes"))
+    out = tmp_path / "exported"
+    assert "files to" in cli.ok("export-site", str(out)).stdout
+    assert (out / "index.html").read_text().count("<html") == 1
+    assert json.loads((out / "status.en.json").read_text())["incidents"]
+    assert (out / "fr" / "index.html").exists() and (out / "banner.js").exists()
+    assert_one_line_error(cli("export-site", str(out), "--channel", "partners"), "not a banner")
