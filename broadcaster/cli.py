@@ -228,12 +228,8 @@ async def _publish_flow(
     if dry_run:
         notes.print("[dim]dry run: nothing stored, nothing sent[/]")
         return
-    if not yes:
-        if not sys.stdin.isatty():
-            raise fail("refusing to publish without confirmation — pass --yes in scripts")
-        names = ", ".join(r.channel for r in preview.renders)
-        if not typer.confirm(f"Publish to {names}?", default=False):
-            raise fail("not published", 1)
+    names = ", ".join(r.channel for r in preview.renders)
+    _confirm(yes, f"Publish to {names}?")
     result = await broadcaster.publish(request, incident_id)
     if not result.new:
         notes.print(
@@ -249,6 +245,16 @@ async def _publish_flow(
     if as_json:
         _print_json(_result_json(result, final))
     _fail_if_broken(final, result.incident.id)
+
+
+def _confirm(yes: bool, question: str) -> None:
+    """Ask before anything goes out; scripts say --yes."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise fail("refusing to go on without confirmation — pass --yes in scripts")
+    if not typer.confirm(question, default=False):
+        raise fail("stopped: nothing was done")
 
 
 def _fail_if_broken(progress: list[ChannelProgress], incident_id: int | None) -> None:
@@ -394,6 +400,69 @@ def resolve_incident(
     )
 
 
+@app.command("drafts")
+def list_drafts(as_json: AsJson = False) -> None:
+    """Updates held for approval (from monitoring alerts), oldest first."""
+    from rich.table import Table
+
+    drafts = run(lambda b: b.drafts())
+    if as_json:
+        _print_json([d.model_dump(mode="json") for d in drafts])
+        return
+    table = Table()
+    for column in ("draft", "received", "from", "incident", "status", "title"):
+        table.add_column(column)
+    for d in drafts:
+        table.add_row(
+            f"#{d.id}",
+            f"{d.created_at:%Y-%m-%d %H:%M}",
+            f"{d.source}/{d.route}",
+            f"#{d.incident_id}" if d.incident_id else "new",
+            d.request.status.value,
+            d.request.title or "",
+        )
+    console().print(table if drafts else "no drafts waiting")
+
+
+@app.command("approve")
+def approve(
+    draft_id: Annotated[int, typer.Argument(help="Draft number (`broadcaster drafts`)")],
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    no_wait: NoWait = False,
+) -> None:
+    """Publish a draft as it was drafted, after showing what will go out."""
+    from broadcaster.views import preview_view
+
+    async def work(b: Broadcaster) -> None:
+        draft = await b.store.get_draft(draft_id)
+        out = console()
+        preview = await b.preview(draft.request, draft.incident_id)
+        out.print(preview_view(preview))
+        if not preview.ok:
+            raise fail("this draft fails its checks — reject it and publish by hand")
+        if dry_run:
+            out.print("[dim]dry run: nothing stored, nothing sent[/]")
+            return
+        _confirm(yes, f"Publish draft #{draft_id}?")
+        result = await b.approve(draft_id, actor=actor())
+        out.print(
+            f"[green]published[/] draft #{draft_id} as update #{result.update.id} of "
+            f"incident #{result.incident.id}"
+        )
+        if not no_wait:
+            _fail_if_broken(await _watch(b, [result.update.id]), result.incident.id)
+
+    run(work)
+
+
+@app.command("reject")
+def reject(draft_id: Annotated[int, typer.Argument(help="Draft number")]) -> None:
+    """Drop a draft: nothing is sent; the audit trail records who rejected it."""
+    run(lambda b: b.reject(draft_id, actor=actor()))
+    console().print(f"rejected draft #{draft_id}")
+
+
 @app.command("dispatch")
 def dispatch() -> None:
     """Send everything still queued (after a crash or an interrupted run), until settled."""
@@ -515,11 +584,7 @@ def cancel(
         target = update_id or (incident.updates[-1].id if incident.updates else None)
         if target is None or target not in {u.id for u in incident.updates}:
             raise fail(f"incident #{incident_id} has no update #{target}")
-        if not yes:
-            if not sys.stdin.isatty():
-                raise fail("refusing to cancel without confirmation — pass --yes in scripts")
-            if not typer.confirm(f"Cancel update #{target}?", default=False):
-                raise fail("not cancelled")
+        _confirm(yes, f"Cancel update #{target}?")
         cancelled = await b.cancel(target, actor=actor())
         console().print(
             f"cancelled update #{target}: {cancelled} queued deliveries stopped "

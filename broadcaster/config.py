@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,7 +21,8 @@ from pydantic_settings import (
 )
 
 from broadcaster.errors import ConfigError
-from broadcaster.models import TimeZoneName
+from broadcaster.models import ComponentState, Impact, TimeZoneName
+from broadcaster.secrets import SecretRef
 
 CONFIG_FILE_NAME = "broadcaster.toml"
 _DURATION = re.compile(
@@ -75,6 +76,55 @@ class ServeSettings(BaseModel):
     )
 
 
+class HookSettings(BaseModel):
+    """Monitoring webhooks: each source is enabled by naming its bearer token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alertmanager_token: SecretRef | None = Field(
+        default=None, description="bearer token Alertmanager sends (http_config.authorization)"
+    )
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+
+
+class Route(BaseModel):
+    """Which alerts become which public update: matchers -> template, components, channels.
+
+    Public text never comes from the alert unless mapped here: `fields` are literal,
+    `alert_fields` names the only labels/annotations a template may see.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    source: str = Field(default="*", description="alertmanager, … or * for any")
+    match: dict[str, str] = Field(
+        default_factory=dict, description="label = value; all must equal the alert's"
+    )
+    title: str = Field(description="the public title of the incident")
+    template: str | None = None
+    impact: Impact | None = None
+    components: dict[str, ComponentState] = Field(default_factory=dict)
+    channels: list[str] | None = None
+    action: Literal["draft", "publish"] = Field(
+        default="draft", description="draft: held for a human to approve (alert text is internal)"
+    )
+    fields: dict[str, str] = Field(default_factory=dict)
+    alert_fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="template field = 'labels.NAME' or 'annotations.NAME'",
+    )
+
+    @field_validator("alert_fields")
+    @classmethod
+    def _known_places(cls, value: dict[str, str]) -> dict[str, str]:
+        for field, place in value.items():
+            kind, _, name = place.partition(".")
+            if kind not in ("labels", "annotations") or not name:
+                raise ValueError(f"{field} = '{place}': write 'labels.NAME' or 'annotations.NAME'")
+        return value
+
+
 class Settings(BaseSettings):
     """Everything broadcaster.toml can say; BROADCASTER_* environment variables override it."""
 
@@ -97,6 +147,8 @@ class Settings(BaseSettings):
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    hooks: HookSettings = Field(default_factory=HookSettings)
+    routes: list[Route] = Field(default_factory=list)
     config_path: Path | None = Field(default=None, exclude=True)
 
     @classmethod

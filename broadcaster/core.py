@@ -29,6 +29,8 @@ from broadcaster.models import (
     ComponentStatus,
     Delivery,
     DeliveryState,
+    Draft,
+    DraftState,
     Impact,
     Incident,
     IncidentKind,
@@ -264,12 +266,17 @@ class Broadcaster:
     # -- publishing -----------------------------------------------------------------
 
     async def publish(
-        self, request: UpdateRequest, incident_id: int | None = None
+        self,
+        request: UpdateRequest,
+        incident_id: int | None = None,
+        *,
+        alert_key: str | None = None,
     ) -> PublishResult:
         """Check, then store the update and its deliveries in one transaction.
 
         Raises CheckFailedError (nothing stored) when a check fails. Deliveries go out
-        when the backend drives them: `wait()` here, or a running `serve`.
+        when the backend drives them: `wait()` here, or a running `serve`. `alert_key`
+        ties a new incident to the monitoring alert episode that opened it.
         """
         if request.publish_key:
             existing = await self.store.find_by_publish_key(request.publish_key)
@@ -279,11 +286,41 @@ class Broadcaster:
         plan, preview = await self._plan(request, incident_id)
         if preview.failures:
             raise CheckFailedError(preview.failures)
+        plan.alert_key = alert_key
         update, new = await self.store.publish(plan)
         if new:
             self.backend.published()
         incident = await self.store.get_incident(update.incident_id)
         return PublishResult(incident=incident, update=update, new=new)
+
+    async def drafts(self, *, state: DraftState | None = DraftState.PENDING) -> list[Draft]:
+        """Updates held for approval (pending ones by default)."""
+        return await self.store.drafts(state=state)
+
+    async def approve(self, draft_id: int, *, actor: str) -> PublishResult:
+        """Publish a pending draft as it was drafted; recorded with who approved it."""
+        draft = await self._pending(draft_id)
+        request = draft.request.model_copy(update={"actor": actor})
+        result = await self.publish(request, draft.incident_id, alert_key=draft.alert_key)
+        await self.store.decide_draft(
+            draft_id,
+            DraftState.APPROVED,
+            actor,
+            incident_id=result.incident.id,
+            update_id=result.update.id,
+        )
+        return result
+
+    async def reject(self, draft_id: int, *, actor: str) -> None:
+        """Drop a pending draft: nothing is sent."""
+        await self._pending(draft_id)
+        await self.store.decide_draft(draft_id, DraftState.REJECTED, actor)
+
+    async def _pending(self, draft_id: int) -> Draft:
+        draft = await self.store.get_draft(draft_id)
+        if draft.state is not DraftState.PENDING:
+            raise BroadcasterError(f"draft #{draft_id} is already {draft.state.value}")
+        return draft
 
     async def cancel(self, update_id: int, *, actor: str) -> int:
         """The kill switch: stop an update's queued deliveries. Returns how many stopped."""

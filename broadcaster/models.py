@@ -200,6 +200,7 @@ class Incident(BaseModel):
     components: dict[str, ComponentState]
     created_at: datetime
     resolved_at: datetime | None = None
+    alert_key: str | None = None
     updates: list[Update] = Field(default_factory=list)
 
     @property
@@ -351,6 +352,29 @@ class ChannelProgress(BaseModel):
     @property
     def pending(self) -> int:
         return sum(self.counts.get(s, 0) for s in PENDING_STATES)
+
+
+class DraftState(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    OBSOLETE = "obsolete"  # the alert resolved before anyone approved its opening
+
+
+class Draft(BaseModel):
+    """An update held for a human to approve before it goes out."""
+
+    id: int
+    created_at: datetime
+    source: str
+    route: str
+    alert_key: str | None
+    incident_id: int | None
+    request: UpdateRequest
+    state: DraftState
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    update_id: int | None = None
 
 
 class AuditEntry(BaseModel):

@@ -9,7 +9,6 @@ found through the `broadcaster.channels` entry-point group and import their SDK 
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from broadcaster.models import (
     Receipt,
     Thread,
 )
+from broadcaster.secrets import SecretRef
 
 if TYPE_CHECKING:
     import aiohttp
@@ -52,33 +52,6 @@ __all__ = [
     "TransientError",
     "classify_http_status",
 ]
-
-
-class SecretRef(BaseModel):
-    """Where a secret lives: an environment variable or a file. Never the secret itself."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    env: str | None = None
-    file: Path | None = None
-
-    def resolve(self, base_dir: Path) -> SecretStr | None:
-        """The secret, or None when the variable is unset or the file is missing.
-
-        A relative file is relative to `base_dir` (the config file's folder)."""
-        if self.env:
-            value = os.environ.get(self.env)
-            if value:
-                return SecretStr(value.strip())
-        if self.file:
-            path = self.file if self.file.is_absolute() else base_dir / self.file
-            if path.is_file():
-                return SecretStr(path.read_text().strip())
-        return None
-
-    def describe(self) -> str:
-        where = [f"environment variable {self.env}" if self.env else "", str(self.file or "")]
-        return " or file ".join(w for w in where if w) or "nowhere"
 
 
 class ChannelConfig(BaseModel):

@@ -590,3 +590,47 @@ def test_export_site_writes_the_public_side_as_files(cli: Cli, tmp_path: Path) -
     assert json.loads((out / "status.en.json").read_text())["incidents"]
     assert (out / "fr" / "index.html").exists() and (out / "banner.js").exists()
     assert_one_line_error(cli("export-site", str(out), "--channel", "partners"), "not a banner")
+
+
+def test_drafts_from_monitoring_are_listed_approved_and_rejected(
+    cli: Cli, thread_receiver: WebhookReceiver
+) -> None:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from broadcaster.alerts import AlertEvent, take_alert
+    from broadcaster.core import Broadcaster
+
+    routes = [{"name": "api", "match": {"service": "api"}, "title": "API errors",
+               "fields": {"summary": "Some requests fail."}}]  # fmt: skip
+    config = write_config(cli.config.parent, thread_receiver, routes=routes)
+
+    async def alert(group: str) -> None:
+        async with await Broadcaster.open(config) as b:
+            event = AlertEvent(source="alertmanager", group=group, status="firing",
+                               started_at=datetime.now(UTC), labels={"service": "api"})  # fmt: skip
+            assert (await take_alert(b, event)).action == "drafted"
+
+    asyncio.run(alert("g1"))
+    asyncio.run(alert("g2"))
+    listed = cli.json("drafts")
+    assert [(d["id"], d["request"]["title"]) for d in listed] == [
+        (1, "API errors"),
+        (2, "API errors"),
+    ]
+    assert "API errors" in cli.ok("drafts").stdout
+
+    assert_one_line_error(cli("approve", "1"), "pass --yes")
+    shown = cli.ok("approve", "1", "--dry-run").stdout
+    assert "Some requests fail." in shown and thread_receiver.attempts == []
+    cli.ok("approve", "1", "--yes")
+    assert len(thread_receiver.received) == len(PARTNERS)
+    assert "rejected draft #2" in cli.ok("reject", "2").stdout
+    assert cli.json("drafts") == []
+    assert_one_line_error(cli("approve", "2", "--yes"), "already rejected")
+    trail = cli.json("show", "1")["audit"]
+    assert [(e["action"], e["actor"]) for e in trail] == [
+        ("publish", f"cli:{getpass.getuser()}"),
+        ("approved", f"cli:{getpass.getuser()}"),
+    ]
+    assert trail[1]["detail"]["from"] == "alertmanager/api"

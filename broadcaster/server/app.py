@@ -16,6 +16,7 @@ from fastapi import FastAPI, HTTPException, Response
 from fastapi.responses import JSONResponse
 
 from broadcaster.core import Broadcaster
+from broadcaster.server.hooks import hooks_router
 from broadcaster.server.live_site import LiveSite
 
 _CONTENT_TYPES = {
@@ -50,6 +51,8 @@ def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+
+    app.include_router(hooks_router(broadcaster))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

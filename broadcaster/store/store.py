@@ -29,11 +29,14 @@ from broadcaster.models import (
     ComponentState,
     Delivery,
     DeliveryState,
+    Draft,
+    DraftState,
     Impact,
     Incident,
     IncidentKind,
     IncidentStatus,
     Update,
+    UpdateRequest,
 )
 from broadcaster.store.engine import (
     WRITE_OPTION,
@@ -47,6 +50,7 @@ from broadcaster.store.tables import (
     AuditRow,
     ChannelHealthRow,
     DeliveryRow,
+    DraftRow,
     IncidentRow,
     RenderRow,
     UpdateRow,
@@ -87,6 +91,7 @@ class PublishPlan:
     publish_key: str | None
     actor: str
     channels: dict[str, ChannelPlan] = field(default_factory=dict)
+    alert_key: str | None = None
 
 
 def _update_model(row: UpdateRow) -> Update:
@@ -118,6 +123,7 @@ def _incident_model(row: IncidentRow, updates: Sequence[UpdateRow] = ()) -> Inci
         components=row.components,
         created_at=row.created_at,
         resolved_at=row.resolved_at,
+        alert_key=row.alert_key,
         updates=[_update_model(u) for u in updates],
     )
 
@@ -137,6 +143,22 @@ def _audit_row(
         incident_id=incident_id,
         update_id=update_id,
         detail=detail or {},
+    )
+
+
+def _draft_model(row: DraftRow) -> Draft:
+    return Draft(
+        id=row.id,
+        created_at=row.created_at,
+        source=row.source,
+        route=row.route,
+        alert_key=row.alert_key,
+        incident_id=row.incident_id,
+        request=UpdateRequest.model_validate(row.request),
+        state=DraftState(row.state),
+        decided_by=row.decided_by,
+        decided_at=row.decided_at,
+        update_id=row.update_id,
     )
 
 
@@ -235,6 +257,7 @@ class Store:
                 impact=plan.impact.value,
                 components={},
                 created_at=now,
+                alert_key=plan.alert_key,
             )
             session.add(incident)
             await session.flush()
@@ -323,6 +346,125 @@ class Store:
             )
         )
         return _update_model(row)
+
+    # -- monitoring alerts and drafts ------------------------------------------------
+
+    async def open_incident_for_alert_group(self, group_key: str) -> Incident | None:
+        """The unresolved incident an episode of this alert group opened, if any."""
+        async with self.sessions() as session:
+            incident_id = await session.scalar(
+                select(IncidentRow.id)
+                .where(
+                    IncidentRow.alert_key.startswith(f"{group_key}:", autoescape=True),
+                    IncidentRow.resolved_at.is_(None),
+                )
+                .order_by(IncidentRow.id.desc())
+                .limit(1)
+            )
+        return await self.get_incident(incident_id) if incident_id is not None else None
+
+    async def create_draft(
+        self,
+        *,
+        source: str,
+        route: str,
+        alert_key: str | None,
+        incident_id: int | None,
+        request: UpdateRequest,
+    ) -> tuple[Draft, bool]:
+        """Hold an update for approval; a pending draft with the same publish key is
+        returned instead of a second one. Returns (draft, new)."""
+        async with self.transaction() as session:
+            if request.publish_key:
+                pending = (
+                    await session.scalars(
+                        select(DraftRow).where(DraftRow.state == DraftState.PENDING.value)
+                    )
+                ).all()
+                for row in pending:
+                    if row.request.get("publish_key") == request.publish_key:
+                        return _draft_model(row), False
+            row = DraftRow(
+                created_at=utcnow(),
+                source=source,
+                route=route,
+                alert_key=alert_key,
+                incident_id=incident_id,
+                request=request.model_dump(mode="json"),
+                state=DraftState.PENDING.value,
+            )
+            session.add(row)
+            await session.flush()
+            session.add(
+                _audit_row(
+                    row.created_at,
+                    request.actor,
+                    "draft",
+                    incident_id,
+                    None,
+                    {"draft": row.id, "route": route, "status": request.status.value},
+                )
+            )
+            return _draft_model(row), True
+
+    async def drafts(self, *, state: DraftState | None = DraftState.PENDING) -> list[Draft]:
+        query = select(DraftRow).order_by(DraftRow.id)
+        if state is not None:
+            query = query.where(DraftRow.state == state.value)
+        async with self.sessions() as session:
+            return [_draft_model(r) for r in (await session.scalars(query)).all()]
+
+    async def get_draft(self, draft_id: int) -> Draft:
+        async with self.sessions() as session:
+            row = await session.get(DraftRow, draft_id)
+            if row is None:
+                raise NotFoundError(f"no draft #{draft_id} — `broadcaster drafts` lists them")
+            return _draft_model(row)
+
+    async def decide_draft(
+        self,
+        draft_id: int,
+        state: DraftState,
+        actor: str,
+        *,
+        incident_id: int | None = None,
+        update_id: int | None = None,
+    ) -> None:
+        """Record what became of a pending draft (and, once published, its incident)."""
+        now = utcnow()
+        async with self.transaction() as session:
+            row = await session.get(DraftRow, draft_id)
+            if row is None:
+                raise NotFoundError(f"no draft #{draft_id}")
+            row.state = state.value
+            row.decided_by = actor
+            row.decided_at = now
+            row.update_id = update_id
+            row.incident_id = row.incident_id or incident_id
+            detail = {
+                "draft": row.id,
+                "from": f"{row.source}/{row.route}",
+                "drafted_at": row.created_at.isoformat(),
+            }
+            session.add(_audit_row(now, actor, state.value, row.incident_id, update_id, detail))
+
+    async def obsolete_drafts(self, group_key: str, actor: str) -> int:
+        """Pending drafts of an alert group whose episode ended before anyone approved."""
+        async with self.transaction() as session:
+            rows = (
+                await session.scalars(
+                    select(DraftRow).where(
+                        DraftRow.alert_key.startswith(f"{group_key}:", autoescape=True),
+                        DraftRow.state == DraftState.PENDING.value,
+                    )
+                )
+            ).all()
+            now = utcnow()
+            for row in rows:
+                row.state = DraftState.OBSOLETE.value
+                row.decided_by = actor
+                row.decided_at = now
+            return len(rows)
 
     # -- reading ------------------------------------------------------------------
 

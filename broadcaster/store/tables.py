@@ -62,6 +62,9 @@ class IncidentRow(Base):
     components: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
     resolved_at: Mapped[datetime | None]
+    alert_key: Mapped[str | None] = mapped_column(
+        String(500), index=True, doc="the monitoring alert episode that opened it"
+    )
 
 
 class UpdateRow(Base):
@@ -124,6 +127,24 @@ class DeliveryRow(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime | None] = mapped_column(doc="NULL: unchanged since created")
     sent_at: Mapped[datetime | None]
+
+
+class DraftRow(Base):
+    """An update held for a human to approve (monitoring alerts, by default)."""
+
+    __tablename__ = "drafts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(50))
+    route: Mapped[str] = mapped_column(String(100))
+    alert_key: Mapped[str | None] = mapped_column(String(500))
+    incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"))
+    request: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    decided_by: Mapped[str | None] = mapped_column(String(200))
+    decided_at: Mapped[datetime | None]
+    update_id: Mapped[int | None] = mapped_column(ForeignKey("updates.id"))
 
 
 class AuditRow(Base):
