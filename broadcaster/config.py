@@ -74,6 +74,9 @@ class ServeSettings(BaseModel):
     site_cache_seconds: float = Field(
         default=2.0, ge=0, description="the live site is rendered at most this often"
     )
+    metrics_token: SecretRef | None = Field(
+        default=None, description="bearer token Prometheus sends to scrape /metrics"
+    )
 
 
 class HookSettings(BaseModel):

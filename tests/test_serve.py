@@ -210,3 +210,35 @@ def test_serve_command_answers_and_stops_gracefully_on_sigterm(
     assert "sending" not in states
     assert states.get("delivered", 0) >= 1
     assert os.path.exists(tmp_path / "public" / "index.html")
+
+
+async def test_metrics_need_the_token_and_count_deliveries_and_hook_requests(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METRICS_TOKEN", "scrape-me")
+    receiver.script("gone", Behaviour(status=410))
+    receiver.script("busy", Behaviour(status=429, retry_after=0.1, times=1))
+    b = await make_broadcaster(
+        {"status-page": BANNER, "hooks": webhook_channel(receiver, ["ok", "gone", "busy"])},
+        serve={"metrics_token": {"env": "METRICS_TOKEN"}},
+    )
+    async with serving(b) as base:
+        result = await b.publish(OPENING)
+        await asyncio.wait_for(b.wait([result.update.id]), timeout=10)
+        async with aiohttp.ClientSession() as session:
+            for path, status in (("/hooks/alertmanager", 404), ("/hooks/no-such-source", 405)):
+                async with session.post(f"{base}{path}", data=b"{}") as response:
+                    assert response.status == status
+            async with session.get(f"{base}/metrics") as response:
+                assert response.status == 401
+            headers = {"Authorization": "Bearer scrape-me"}
+            async with session.get(f"{base}/metrics", headers=headers) as response:
+                assert response.status == 200
+                text = await response.text()
+    assert 'broadcaster_deliveries{channel="hooks",state="delivered"} 2.0' in text
+    assert 'broadcaster_deliveries{channel="hooks",state="failed"} 1.0' in text
+    assert 'broadcaster_deliveries_retried{channel="hooks"} 1.0' in text
+    assert 'broadcaster_channel_broken{channel="hooks"} 0.0' in text
+    assert "broadcaster_oldest_due_delivery_age_seconds 0.0" in text
+    assert 'broadcaster_webhook_requests_total{source="alertmanager",status="404"} 1.0' in text
+    assert 'broadcaster_webhook_requests_total{source="other",status="405"} 1.0' in text

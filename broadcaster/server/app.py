@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from broadcaster.core import Broadcaster
-from broadcaster.server.hooks import hooks_router
+from broadcaster.server.hooks import bearer_matches, hooks_router
 from broadcaster.server.live_site import LiveSite
+from broadcaster.server.metrics import Metrics
 
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -52,7 +56,37 @@ def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
         redoc_url=None,
     )
 
-    app.include_router(hooks_router(broadcaster))
+    hooks = hooks_router(broadcaster)
+    app.include_router(hooks)
+    metrics = Metrics(broadcaster)
+    hook_sources = {
+        route.path.removeprefix("/hooks/") for route in hooks.routes if isinstance(route, APIRoute)
+    }
+
+    @app.middleware("http")
+    async def count_hook_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        path = request.url.path
+        if path.startswith("/hooks/"):
+            source = path.removeprefix("/hooks/")
+            # Unknown paths share one label: a scanner must not grow the metrics.
+            label = source if source in hook_sources else "other"
+            metrics.webhook_requests.labels(label, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics; a bearer token when `serve.metrics_token` is set."""
+        ref = broadcaster.settings.serve.metrics_token
+        if ref is not None:
+            expected = ref.resolve(broadcaster.settings.resolve_path(Path(".")))
+            if expected is None or not bearer_matches(
+                request.headers.get("authorization"), expected.get_secret_value()
+            ):
+                raise HTTPException(status_code=401, detail="metrics need the bearer token")
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -376,6 +376,16 @@ class DeliveryQueue:
             value = datetime.fromisoformat(value).replace(tzinfo=UTC)
         return value
 
+    async def retried_counts(self) -> dict[str, int]:
+        """Per channel, how many deliveries needed more than one attempt."""
+        async with self.store.sessions() as session:
+            rows = await session.execute(
+                select(DeliveryRow.channel, func.count())
+                .where(DeliveryRow.attempts > 1)
+                .group_by(DeliveryRow.channel)
+            )
+            return {channel: count for channel, count in rows}
+
     async def broken_channels(self) -> list[str]:
         async with self.store.sessions() as session:
             rows = await session.scalars(
