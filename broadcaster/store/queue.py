@@ -282,17 +282,6 @@ class DeliveryQueue:
         resumed: int = result.rowcount  # type: ignore[attr-defined]
         return resumed
 
-    async def next_due(self, channels: Sequence[str]) -> datetime | None:
-        """When the earliest queued delivery of these channels becomes due."""
-        async with self.store.sessions() as session:
-            due: datetime | None = await session.scalar(
-                select(func.min(DeliveryRow.next_attempt_at)).where(
-                    DeliveryRow.channel.in_(channels),
-                    DeliveryRow.state == DeliveryState.QUEUED.value,
-                )
-            )
-        return due
-
     async def pending_count(
         self,
         *,

@@ -484,13 +484,6 @@ class Store:
             ).all()
             return _incident_model(row, updates)
 
-    async def get_update(self, update_id: int) -> Update:
-        async with self.sessions() as session:
-            row = await session.get(UpdateRow, update_id)
-            if row is None:
-                raise NotFoundError(f"no update #{update_id}")
-            return _update_model(row)
-
     async def list_incidents(self, *, open_only: bool = False, limit: int = 50) -> list[Incident]:
         async with self.sessions() as session:
             query = select(IncidentRow).order_by(IncidentRow.id.desc()).limit(limit)
@@ -686,19 +679,6 @@ class Store:
                 )
             )
             return requeued, skipped
-
-    async def record(
-        self,
-        *,
-        actor: str,
-        action: str,
-        incident_id: int | None = None,
-        update_id: int | None = None,
-        detail: dict[str, Any] | None = None,
-    ) -> None:
-        """Add an audit entry."""
-        async with self.transaction() as session:
-            session.add(_audit_row(utcnow(), actor, action, incident_id, update_id, detail or {}))
 
     async def backup(self, target: Path) -> None:
         """A consistent online copy of the SQLite store."""
