@@ -80,12 +80,46 @@ class ServeSettings(BaseModel):
 
 
 class HookSettings(BaseModel):
-    """Monitoring webhooks: each source is enabled by naming its bearer token."""
+    """Monitoring webhooks: each source is enabled by naming its secret(s).
+
+    A source with two credentials configured (a bearer token and an HMAC secret) needs
+    both on every request."""
 
     model_config = ConfigDict(extra="forbid")
 
     alertmanager_token: SecretRef | None = Field(
         default=None, description="bearer token Alertmanager sends (http_config.authorization)"
+    )
+    grafana_token: SecretRef | None = Field(
+        default=None, description="bearer token Grafana sends (Authorization header credentials)"
+    )
+    grafana_hmac_secret: SecretRef | None = Field(
+        default=None, description="the contact point's HMAC signature secret"
+    )
+    grafana_hmac_header: str = Field(
+        default="X-Grafana-Alerting-Signature",
+        min_length=1,
+        description="the contact point's HMAC signature header; set it in Grafana too: left "
+        "empty there, Grafana sends X-Grafana-Alert-Signature",
+    )
+    grafana_hmac_timestamp_header: str = Field(
+        default="X-Grafana-Alerting-Signature-Timestamp",
+        min_length=1,
+        description="the contact point's HMAC timestamp header (Grafana has no default); "
+        "when a request carries it, the signature covers 'timestamp:body'",
+    )
+    grafana_hmac_timestamp_tolerance_seconds: float = Field(
+        default=300.0, gt=0, description="a signed timestamp further from now is refused"
+    )
+    pagerduty_secret: SecretRef | None = Field(
+        default=None, description="the V3 webhook subscription's signing secret"
+    )
+    generic_token: SecretRef | None = Field(
+        default=None, description="bearer token for POST /hooks/generic"
+    )
+    generic_hmac_secret: SecretRef | None = Field(
+        default=None,
+        description="HMAC-SHA256 key for X-Broadcaster-Signature: sha256=<hex> of the body",
     )
     max_body_bytes: int = Field(default=1_048_576, gt=0)
 
