@@ -41,7 +41,7 @@ class AlertEvent(BaseModel):
     @property
     def episode_key(self) -> str:
         """The alert episode: the group and when it started firing."""
-        return f"{self.group_key}:{self.started_at.isoformat()}"
+        return f"{self.group_key}|{self.started_at.isoformat()}"
 
 
 class IntakeResult(BaseModel):
@@ -101,16 +101,16 @@ async def take_alert(broadcaster: Broadcaster, event: AlertEvent) -> IntakeResul
                 action="duplicate",
                 reason="this alert group already has an open incident",
                 route=route.name,
-                incident_id=incident.id,
+                incident_id=incident[0],
             )
         key, target = event.episode_key, None
         request = request_for(route, event, IncidentStatus.INVESTIGATING, key)
     else:
-        if incident is None or incident.alert_key is None:
+        if incident is None:
             obsolete = await broadcaster.store.obsolete_drafts(event.group_key, event.source)
             reason = "resolved before anyone approved its draft" if obsolete else "no open incident"
             return IntakeResult(action="ignored", reason=reason, route=route.name)
-        key, target = incident.alert_key, incident.id
+        target, key = incident
         request = request_for(route, event, IncidentStatus.RESOLVED, key)
     if route.action == "publish":
         try:

@@ -400,7 +400,7 @@ async def test_grafana_notification_is_drafted_once(setup: tuple[Broadcaster, st
     assert (await send(base, "grafana", GRAFANA_FIRING))["action"] == "duplicate"
     (draft,) = await b.drafts()
     # The episode started with the group's earliest alert; groups are per organisation.
-    assert draft.alert_key == "grafana:org1:{}:{}:2021-10-12T09:51:03.157076+02:00"
+    assert draft.alert_key == "grafana:org1:{}:{}|2021-10-12T09:51:03.157076+02:00"
     assert draft.source == "grafana" and await b.incidents() == []
 
 
@@ -500,7 +500,7 @@ async def test_pagerduty_triggered_incident_is_drafted_once_with_mapped_fields(
     # PagerDuty delivers at least once: a re-delivery is a duplicate.
     assert (await send(base, "pagerduty", PAGERDUTY_TRIGGERED))["action"] == "duplicate"
     (draft,) = await b.drafts()
-    assert draft.alert_key == "pagerduty:PGR0VU2:2020-04-09T15:16:27+00:00"
+    assert draft.alert_key == "pagerduty:PGR0VU2|2020-04-09T15:16:27+00:00"
     assert draft.request.fields == {"summary": "A little bump in the road"}
 
 

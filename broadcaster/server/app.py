@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -17,6 +17,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broadcaster.core import Broadcaster
 from broadcaster.server.hooks import bearer_matches, hooks_router
@@ -63,18 +64,7 @@ def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
         route.path.removeprefix("/hooks/") for route in hooks.routes if isinstance(route, APIRoute)
     }
 
-    @app.middleware("http")
-    async def count_hook_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        path = request.url.path
-        if path.startswith("/hooks/"):
-            source = path.removeprefix("/hooks/")
-            # Unknown paths share one label: a scanner must not grow the metrics.
-            label = source if source in hook_sources else "other"
-            metrics.webhook_requests.labels(label, str(response.status_code)).inc()
-        return response
+    app.add_middleware(HookRequestCounter, metrics=metrics, sources=hook_sources)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
@@ -141,3 +131,29 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+
+class HookRequestCounter:
+    """Counts monitoring webhook requests by source and status (a plain ASGI middleware:
+    Starlette's `BaseHTTPMiddleware` costs a task group and a stream per request)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, sources: set[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.sources = sources
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/hooks/"):
+            await self.app(scope, receive, send)
+            return
+        source = path.removeprefix("/hooks/")
+        # Unknown paths share one label: a scanner must not grow the metrics.
+        label = source if source in self.sources else "other"
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.webhook_requests.labels(label, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

@@ -25,6 +25,7 @@ from starlette.datastructures import Headers
 from broadcaster.alerts import AlertEvent, IntakeResult, take_alert
 from broadcaster.core import Broadcaster
 from broadcaster.secrets import SecretRef
+from broadcaster.store.store import alert_group
 
 log = logging.getLogger("broadcaster.hooks")
 
@@ -334,16 +335,10 @@ async def generic_event(broadcaster: Broadcaster, alert: GenericAlert) -> AlertE
     started_at = alert.started_at
     if started_at is None:
         started_at = datetime.now(UTC)
-        prefix = f"generic:{alert.group}:"
+        group = f"generic:{alert.group}"
         for draft in await broadcaster.drafts():
-            if draft.alert_key is None or not draft.alert_key.startswith(prefix):
-                continue
-            try:
-                pending = datetime.fromisoformat(draft.alert_key.removeprefix(prefix))
-            except ValueError:
-                continue  # another group whose name starts like this one
-            if draft.alert_key == f"{prefix}{pending.isoformat()}":
-                started_at = pending
+            if draft.alert_key is not None and alert_group(draft.alert_key) == group:
+                started_at = datetime.fromisoformat(draft.alert_key.rpartition("|")[2])
                 break
     return AlertEvent(
         source="generic",

@@ -128,6 +128,11 @@ def _incident_model(row: IncidentRow, updates: Sequence[UpdateRow] = ()) -> Inci
     )
 
 
+def alert_group(alert_key: str | None) -> str | None:
+    """The alert group of an episode key `group|start` (the start has no '|')."""
+    return alert_key.rpartition("|")[0] if alert_key else None
+
+
 def _audit_row(
     at: datetime,
     actor: str,
@@ -258,6 +263,7 @@ class Store:
                 components={},
                 created_at=now,
                 alert_key=plan.alert_key,
+                alert_group=alert_group(plan.alert_key),
             )
             session.add(incident)
             await session.flush()
@@ -349,19 +355,21 @@ class Store:
 
     # -- monitoring alerts and drafts ------------------------------------------------
 
-    async def open_incident_for_alert_group(self, group_key: str) -> Incident | None:
-        """The unresolved incident an episode of this alert group opened, if any."""
+    async def open_incident_for_alert_group(self, group_key: str) -> tuple[int, str] | None:
+        """(id, alert key) of the unresolved incident an episode of this group opened."""
         async with self.sessions() as session:
-            incident_id = await session.scalar(
-                select(IncidentRow.id)
-                .where(
-                    IncidentRow.alert_key.startswith(f"{group_key}:", autoescape=True),
-                    IncidentRow.resolved_at.is_(None),
+            row = (
+                await session.execute(
+                    select(IncidentRow.id, IncidentRow.alert_key)
+                    .where(
+                        IncidentRow.alert_group == group_key,
+                        IncidentRow.resolved_at.is_(None),
+                    )
+                    .order_by(IncidentRow.id.desc())
+                    .limit(1)
                 )
-                .order_by(IncidentRow.id.desc())
-                .limit(1)
-            )
-        return await self.get_incident(incident_id) if incident_id is not None else None
+            ).first()
+        return (row[0], row[1]) if row is not None and row[1] is not None else None
 
     async def create_draft(
         self,
@@ -389,6 +397,7 @@ class Store:
                 source=source,
                 route=route,
                 alert_key=alert_key,
+                alert_group=alert_group(alert_key),
                 incident_id=incident_id,
                 request=request.model_dump(mode="json"),
                 state=DraftState.PENDING.value,
@@ -454,7 +463,7 @@ class Store:
             rows = (
                 await session.scalars(
                     select(DraftRow).where(
-                        DraftRow.alert_key.startswith(f"{group_key}:", autoescape=True),
+                        DraftRow.alert_group == group_key,
                         DraftRow.state == DraftState.PENDING.value,
                     )
                 )

@@ -63,8 +63,9 @@ class IncidentRow(Base):
     created_at: Mapped[datetime]
     resolved_at: Mapped[datetime | None]
     alert_key: Mapped[str | None] = mapped_column(
-        String(500), index=True, doc="the monitoring alert episode that opened it"
+        String(500), doc="the monitoring alert episode that opened it: group|start"
     )
+    alert_group: Mapped[str | None] = mapped_column(String(500), index=True)
 
 
 class UpdateRow(Base):
@@ -139,6 +140,7 @@ class DraftRow(Base):
     source: Mapped[str] = mapped_column(String(50))
     route: Mapped[str] = mapped_column(String(100))
     alert_key: Mapped[str | None] = mapped_column(String(500))
+    alert_group: Mapped[str | None] = mapped_column(String(500), index=True)
     incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"))
     request: Mapped[dict[str, Any]]
     state: Mapped[str] = mapped_column(String(20), index=True)

@@ -2,7 +2,7 @@
 
 Revision ID: 0002_alerts_drafts
 Revises: 0001_initial
-Create Date: 2026-11-26 10:23:27.825722
+Create Date: 2026-11-26 11:03:20.584376
 """
 
 from collections.abc import Sequence
@@ -17,6 +17,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+
     op.create_table(
         "drafts",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -24,6 +25,7 @@ def upgrade() -> None:
         sa.Column("source", sa.String(length=50), nullable=False),
         sa.Column("route", sa.String(length=100), nullable=False),
         sa.Column("alert_key", sa.String(length=500), nullable=True),
+        sa.Column("alert_group", sa.String(length=500), nullable=True),
         sa.Column("incident_id", sa.Integer(), nullable=True),
         sa.Column("request", sa.JSON(), nullable=False),
         sa.Column("state", sa.String(length=20), nullable=False),
@@ -41,19 +43,24 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("drafts", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_drafts_alert_group"), ["alert_group"], unique=False)
         batch_op.create_index(batch_op.f("ix_drafts_state"), ["state"], unique=False)
 
     with op.batch_alter_table("incidents", schema=None) as batch_op:
         batch_op.add_column(sa.Column("alert_key", sa.String(length=500), nullable=True))
-        batch_op.create_index(batch_op.f("ix_incidents_alert_key"), ["alert_key"], unique=False)
+        batch_op.add_column(sa.Column("alert_group", sa.String(length=500), nullable=True))
+        batch_op.create_index(batch_op.f("ix_incidents_alert_group"), ["alert_group"], unique=False)
 
 
 def downgrade() -> None:
+
     with op.batch_alter_table("incidents", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_incidents_alert_key"))
+        batch_op.drop_index(batch_op.f("ix_incidents_alert_group"))
+        batch_op.drop_column("alert_group")
         batch_op.drop_column("alert_key")
 
     with op.batch_alter_table("drafts", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_drafts_state"))
+        batch_op.drop_index(batch_op.f("ix_drafts_alert_group"))
 
     op.drop_table("drafts")
