@@ -236,12 +236,10 @@ class Store:
         """Store the update, its renders and deliveries; supersede older queued ones.
 
         Returns the update and whether it is new: a publish key seen before returns the
-        stored update and changes nothing.
+        stored update and changes nothing (the unique constraint decides, so two
+        processes racing with one key store it once; callers look the key up first to
+        skip rendering).
         """
-        if plan.publish_key:
-            existing = await self.find_by_publish_key(plan.publish_key)
-            if existing:
-                return existing, False
         try:
             async with self.transaction() as session:
                 return await self._publish(session, plan), True
