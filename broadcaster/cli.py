@@ -14,7 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from broadcaster.core import Broadcaster, PublishResult
-    from broadcaster.models import ChannelProgress, UpdateRequest
+    from broadcaster.models import ChannelProgress, Draft, UpdateRequest
+    from broadcaster.operations import Operations
 
 T = TypeVar("T")
 
@@ -38,7 +39,7 @@ db_app = typer.Typer(help="The store: migrations and backups.", no_args_is_help=
 app.add_typer(templates_app, name="templates")
 app.add_typer(db_app, name="db")
 
-_state: dict[str, Any] = {"config": None}
+_state: dict[str, Any] = {"config": None, "server": None}
 
 ConfigOption = Annotated[
     Path | None,
@@ -100,9 +101,37 @@ def actor() -> str:
     return os.environ.get("BROADCASTER_ACTOR") or f"cli:{getpass.getuser()}"
 
 
-def run(work: Callable[[Broadcaster], Awaitable[T]]) -> T:
+def run(work: Callable[[Operations], Awaitable[T]]) -> T:
+    """Run one command on the local store, or on the server of `--server`/BROADCASTER_URL."""
+    if _state["server"] is None:
+        return run_local(work)
+    from broadcaster.errors import BroadcasterError
+
+    token = os.environ.get("BROADCASTER_TOKEN", "").strip()
+    if not token:
+        raise fail(
+            f"BROADCASTER_TOKEN is not set — the server {_state['server']} needs one of "
+            "its serve.api_tokens"
+        )
+
+    async def main() -> T:
+        from broadcaster.remote import RemoteBroadcaster
+
+        async with RemoteBroadcaster(_state["server"], token, actor=actor()) as remote:
+            return await work(remote)
+
+    return run_async(main(), BroadcasterError)
+
+
+def run_local(work: Callable[[Broadcaster], Awaitable[T]]) -> T:
     """Open the broadcaster, run one command, close; one clear line for any known error."""
     from broadcaster.errors import BroadcasterError
+
+    if _state["server"] is not None:
+        raise fail(
+            "this command works on the store itself: run it where broadcaster.toml is, "
+            "without --server or BROADCASTER_URL"
+        )
 
     async def main() -> T:
         from broadcaster.core import Broadcaster
@@ -139,9 +168,22 @@ def run_async(coroutine: Coroutine[Any, Any, T], known: type[Exception]) -> T:
 
 
 @app.callback()
-def main_options(config: ConfigOption = None) -> None:
+def main_options(
+    config: ConfigOption = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            envvar="BROADCASTER_URL",
+            metavar="URL",
+            help="Act through this `broadcaster serve` (its /v1 API, with BROADCASTER_TOKEN) "
+            "instead of a local store.",
+        ),
+    ] = None,
+) -> None:
     """Global options."""
     _state["config"] = config
+    _state["server"] = server
 
 
 # -- publishing ------------------------------------------------------------------------
@@ -200,7 +242,7 @@ def _request(
 
 
 async def _publish_flow(
-    broadcaster: Broadcaster,
+    broadcaster: Operations,
     request: UpdateRequest,
     incident_id: int | None,
     *,
@@ -284,7 +326,7 @@ def _print_json(data: Any) -> None:
 
 
 async def _watch(
-    broadcaster: Broadcaster, update_ids: list[int] | None, *, quiet: bool = False
+    broadcaster: Operations, update_ids: list[int] | None, *, quiet: bool = False
 ) -> list[ChannelProgress]:
     from broadcaster.views import watch_deliveries
 
@@ -402,15 +444,21 @@ def resolve_incident(
 
 @app.command("drafts")
 def list_drafts(as_json: AsJson = False) -> None:
-    """Updates held for approval (from monitoring alerts), oldest first."""
+    """Updates held for approval (from monitoring alerts), oldest first, then updates
+    held by flapping damping, with when they go out by themselves."""
     from rich.table import Table
 
-    drafts = run(lambda b: b.drafts())
+    from broadcaster.models import DraftState
+
+    async def waiting(b: Operations) -> list[Draft]:
+        return [*await b.drafts(), *await b.drafts(state=DraftState.HELD)]
+
+    drafts = run(waiting)
     if as_json:
         _print_json([d.model_dump(mode="json") for d in drafts])
         return
     table = Table()
-    for column in ("draft", "received", "from", "incident", "status", "title"):
+    for column in ("draft", "received", "from", "incident", "status", "title", "goes out"):
         table.add_column(column)
     for d in drafts:
         table.add_row(
@@ -420,6 +468,9 @@ def list_drafts(as_json: AsJson = False) -> None:
             f"#{d.incident_id}" if d.incident_id else "new",
             d.request.status.value,
             d.request.title or "",
+            f"{d.not_before:%Y-%m-%d %H:%M:%S} UTC, unless it fires again"
+            if d.not_before
+            else "when approved",
         )
     console().print(table if drafts else "no drafts waiting")
 
@@ -434,8 +485,8 @@ def approve(
     """Publish a draft as it was drafted, after showing what will go out."""
     from broadcaster.views import preview_view
 
-    async def work(b: Broadcaster) -> None:
-        draft = await b.store.get_draft(draft_id)
+    async def work(b: Operations) -> None:
+        draft = await b.draft(draft_id)
         out = console()
         preview = await b.preview(draft.request, draft.incident_id)
         out.print(preview_view(preview))
@@ -470,7 +521,7 @@ def dispatch() -> None:
     async def work(b: Broadcaster) -> None:
         _fail_if_broken(await _watch(b, None), None)
 
-    run(work)
+    run_local(work)
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -498,7 +549,7 @@ def show_incident(
     """One incident with its updates and its audit trail."""
     from broadcaster.views import incident_view
 
-    async def work(b: Broadcaster) -> tuple[Any, Any]:
+    async def work(b: Operations) -> tuple[Any, Any]:
         return await b.incident(incident_id), await b.audit(incident_id)
 
     incident, audit = run(work)
@@ -524,7 +575,7 @@ def delivery_status(
     from broadcaster.models import FAILED_STATES
     from broadcaster.views import failures_table, progress_json, progress_table
 
-    async def work(b: Broadcaster) -> tuple[Any, Any]:
+    async def work(b: Operations) -> tuple[Any, Any]:
         progress = await b.progress(incident_id, channel=channel)
         failures = (
             await b.deliveries(incident_id, channel=channel, states=FAILED_STATES)
@@ -555,7 +606,7 @@ def retry(
 ) -> None:
     """Queue the failed deliveries of an incident's latest update again, and send them."""
 
-    async def work(b: Broadcaster) -> None:
+    async def work(b: Operations) -> None:
         requeued, skipped = await b.retry(incident_id, channel=channel, actor=actor())
         out = console()
         out.print(f"requeued {requeued} failed deliveries")
@@ -579,7 +630,7 @@ def cancel(
 ) -> None:
     """The kill switch: stop a published update that is still going out."""
 
-    async def work(b: Broadcaster) -> None:
+    async def work(b: Operations) -> None:
         incident = await b.incident(incident_id)
         target = update_id or (incident.updates[-1].id if incident.updates else None)
         if target is None or target not in {u.id for u in incident.updates}:
@@ -602,14 +653,13 @@ def templates_list() -> None:
     """Every template (yours override ours) with its fields."""
     from rich.table import Table
 
-    async def work(b: Broadcaster) -> Table:
+    async def work(b: Operations) -> Table:
         table = Table()
         for column in ("template", "required fields", "optional fields", "description"):
             table.add_column(column)
-        for name in b.library.names():
-            spec = b.library.get(name)
+        for spec in await b.templates():
             table.add_row(
-                name, ", ".join(spec.required), ", ".join(spec.optional), spec.description
+                spec.name, ", ".join(spec.required), ", ".join(spec.optional), spec.description
             )
         return table
 
@@ -627,15 +677,15 @@ def templates_preview(
     from broadcaster.models import IncidentStatus, UpdateRequest
     from broadcaster.views import preview_view
 
-    async def work(b: Broadcaster) -> None:
-        spec = b.library.get(name)
+    async def work(b: Operations) -> None:
+        spec = await b.template(name)
         statuses = {s.value: s for s in IncidentStatus}
         request = UpdateRequest(
             status=statuses.get(name, IncidentStatus.INVESTIGATING),
             template=name,
             title=title,
             fields={**spec.example, **_pairs(set_, "--set")},
-            channels=channel or list(b.channels),
+            channels=channel or [c.name for c in await b.channel_infos()],
             actor=actor(),
         )
         console().print(preview_view(await b.preview(request)))
@@ -647,10 +697,7 @@ def templates_preview(
 def templates_check() -> None:
     """Check every template against every configured channel."""
 
-    async def work(b: Broadcaster) -> list[Any]:
-        return b.check_templates()
-
-    failures = run(work)
+    failures = run(lambda b: b.check_templates())
     out = console()
     for failure in failures:
         out.print(f"[red]✗[/] {failure}")
@@ -664,20 +711,18 @@ def list_channels() -> None:
     """Configured channels: type, family, languages, limits."""
     from rich.table import Table
 
-    async def work(b: Broadcaster) -> Table:
+    async def work(b: Operations) -> Table:
         table = Table()
         for column in ("channel", "type", "family", "languages", "limits", "default"):
             table.add_column(column)
-        for name, ch in b.channels.items():
-            limits = ", ".join(f"{k}={v}" for k, v in ch.limits.model_dump().items() if v)
-            default = name in (b.settings.default_channels or list(b.channels))
+        for info in await b.channel_infos():
             table.add_row(
-                name,
-                ch.config.type,
-                ch.family.value,
-                ", ".join(ch.languages),
-                limits or "-",
-                "yes" if default else "",
+                info.name,
+                info.type,
+                info.family.value,
+                ", ".join(info.languages),
+                ", ".join(f"{k}={v}" for k, v in info.limits.items()) or "-",
+                "yes" if info.default else "",
             )
         return table
 
@@ -731,66 +776,78 @@ def demo(
 
 @app.command("export-site")
 def export_site(
-    folder: Annotated[Path, typer.Argument(help="Folder to write the public side into")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="DIR|s3://BUCKET/PREFIX",
+            help="Folder, or S3-compatible bucket (reached with the channel's endpoint_url, "
+            "region and keys, else AWS_* settings), to write the public side into",
+        ),
+    ],
     channel: Annotated[
         str | None, typer.Option(help="Banner channel to export (default: serve's)")
     ] = None,
 ) -> None:
     """Write the status page, banner JSON and script, and feeds as static files."""
 
-    async def work(b: Broadcaster) -> list[Path]:
+    async def work(b: Broadcaster) -> int:
         from broadcaster.server.live_site import public_channel
+        from channels.banner import BannerChannel
 
         name = channel or public_channel(b)
-        if name not in b.channels or b.channels[name].config.type != "banner":
+        banner = b.channels.get(name)
+        if not isinstance(banner, BannerChannel):
             raise fail(f"'{name}' is not a banner channel")
-        return await b.write_public_site(name, b.channels[name].languages, folder)
+        return await banner.export(target)
 
-    written = run(work)
-    console().print(f"wrote {len(written)} files to {folder} — serve it from any static host")
+    count = run_local(work)
+    console().print(f"wrote {count} files to {target} — serve it from any static host")
 
 
 @app.command("serve")
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (serve.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (serve.port).")] = None,
+    log_format: Annotated[
+        Literal["auto", "json", "text"] | None,
+        typer.Option(help="Log lines on stderr (serve.log_format; auto: text on a terminal)."),
+    ] = None,
 ) -> None:
     """Run the HTTP app: the live status page and banner, health probes, and dispatch."""
 
     async def work(b: Broadcaster) -> None:
-        import uvicorn
+        import logging
 
-        from broadcaster.server import GracefulServer, create_app
+        from broadcaster.logs import configure_logging, configured_secrets
+        from broadcaster.server import GracefulServer, create_app, server_config
 
         settings = b.settings.serve
-        config = uvicorn.Config(
-            create_app(b),
-            host=host or settings.host,
-            port=settings.port if port is None else port,
-            log_level="warning",
-            lifespan="on",
+        configure_logging(log_format or settings.log_format, configured_secrets(b))
+        config = server_config(create_app(b), settings, host=host, port=port)
+        public = settings.public_url or f"http://{config.host}:{config.port}"
+        logging.getLogger("broadcaster.serve").info(
+            "serving on http://%s:%d, reached at %s — status page at /, webhooks at "
+            "/hooks/<source>, health at /healthz and /readyz; Ctrl-C stops after in-flight sends",
+            config.host,
+            config.port,
+            public,
         )
-        server = GracefulServer(config)
-        console(stderr=True).print(
-            f"serving on http://{config.host}:{config.port} — status page at /, "
-            "health at /healthz and /readyz; Ctrl-C stops after in-flight sends"
-        )
-        await server.serve()
+        await GracefulServer(config).serve()
 
-    run(work)
+    run_local(work)
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the store's migrations (done automatically on first use)."""
-    run(lambda b: asyncio.sleep(0))
+    run_local(lambda b: asyncio.sleep(0))
     console().print("store is at the newest schema")
 
 
 @db_app.command("backup")
 def db_backup(target: Annotated[Path, typer.Argument(help="New file for the copy")]) -> None:
     """A consistent online copy of the SQLite store (safe while others write)."""
-    run(lambda b: b.store.backup(target))
+    run_local(lambda b: b.store.backup(target))
     console().print(f"backed up to {target}")
 
 

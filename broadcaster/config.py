@@ -6,14 +6,22 @@ or a file that holds each secret (`SecretRef`), resolved only when a channel sta
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,6 +47,27 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|min|minute|h|hour)\s*$")
+_RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def parse_rate(value: object) -> object:
+    """'20/s', '600/min', '1000/h' -> requests per second; 'off' -> None (no limit)."""
+    if isinstance(value, int | float) and value <= 0:
+        raise ValueError(f"{value} is not a rate — it must be above 0, or 'off'")
+    if not isinstance(value, str):
+        return value
+    if value.strip().lower() == "off":
+        return None
+    match = _RATE.match(value)
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"'{value}' is not a rate — write it like 20/s, 600/min or off")
+    return float(match[1]) / _RATE_PERIODS[match[2]]
+
+
+RequestRate = Annotated[float | None, BeforeValidator(parse_rate)]
+
+
 class DispatchSettings(BaseModel):
     """How the embedded dispatcher behaves."""
 
@@ -54,6 +83,51 @@ class DispatchSettings(BaseModel):
         default=0.25, gt=0, description="idle wait between looks at the queue"
     )
     flush_batch: int = Field(default=500, gt=0)
+
+
+class ApiToken(BaseModel):
+    """A bearer token of the admin API (`/v1/`) and the remote CLI, with its scope:
+    read < publish (preview, publish, approve, reject, retry, cancel) < admin (doctor)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="who holds it; the audit trail records it")
+    scope: Literal["read", "publish", "admin"] = "read"
+    secret: SecretRef = Field(description="where the token is: {env = ...} or {file = ...}")
+
+
+class RateLimit(BaseModel):
+    """A token bucket per client address: `burst` requests at once, then `rate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: RequestRate = Field(description="'20/s', '600/min', '1000/h', or 'off' for no limit")
+    burst: int | None = Field(
+        default=None, gt=0, description="requests a client may send at once (default: rate x 1 s)"
+    )
+
+
+class PerIpRateLimits(BaseModel):
+    """Requests per client address (the real one: see `serve.trusted_proxies`), answered
+    429 with Retry-After past the limit. Health probes, /metrics and the admin API
+    (/v1/) are never limited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inbound: RateLimit = Field(
+        default_factory=lambda: RateLimit(rate=1.0, burst=30),
+        description="refused /hooks/* requests (wrong or missing credential, malformed "
+        "body): past it, every request from that address gets 429 — a sender with valid "
+        "credentials spends nothing, so a big outage's burst of alerts is never held up",
+    )
+    site: RateLimit = Field(
+        default_factory=lambda: RateLimit(rate=50.0, burst=200),
+        description="the public side: the status page, status JSON, feeds, banner.js "
+        "(cached, so cheap; many readers may share one address behind a NAT)",
+    )
+    max_addresses: int = Field(
+        default=10_000, gt=0, description="addresses tracked at once; the least recent go first"
+    )
 
 
 class ServeSettings(BaseModel):
@@ -77,6 +151,65 @@ class ServeSettings(BaseModel):
     metrics_token: SecretRef | None = Field(
         default=None, description="bearer token Prometheus sends to scrape /metrics"
     )
+    api_tokens: list[ApiToken] = Field(
+        default_factory=list, description="tokens of the admin API; none: the API answers 404"
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="where users and monitoring reach this server (https://status.example.com):"
+        " the base of the webhook URLs to give Alertmanager, Grafana and PagerDuty, and of the "
+        "live site's absolute links when status_page_url is not set",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="addresses or networks (10.0.0.0/8) of the load balancers in front: only "
+        "a request from one of them has its X-Forwarded-For / X-Forwarded-Proto believed",
+    )
+    rate_limit_per_ip: PerIpRateLimits = Field(default_factory=PerIpRateLimits)
+    heartbeat_url: SecretRef | None = Field(
+        default=None,
+        description="a dead man's switch (healthchecks.io, Cronitor, Better Stack): fetched "
+        "every heartbeat_interval_seconds while /readyz would answer ready; a secret, since "
+        "the URL is the credential",
+    )
+    heartbeat_fail_url: SecretRef | None = Field(
+        default=None,
+        description="fetched instead while not ready (healthchecks.io: the URL + /fail)",
+    )
+    heartbeat_interval_seconds: float = Field(default=60.0, gt=0)
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="auto: text on a terminal, JSON lines otherwise"
+    )
+    access_log: bool = Field(
+        default=False,
+        description="one line per request (the path without its query string); off by "
+        "default: the load balancer logs requests too, and an outage's crowd would flood it",
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, _, rest = value.partition("://")
+        if scheme not in ("http", "https") or not rest.strip("/") or any(c in rest for c in "?#"):
+            raise ValueError(
+                f"'{value}' is not a base URL — write it like https://status.example.com"
+            )
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses_or_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"'{entry}' is not an IP address or network — write it like 10.0.0.5 or "
+                    "10.0.0.0/8 (a host name or * would trust anyone who can fake it)"
+                ) from None
+        return value
 
 
 class HookSettings(BaseModel):
@@ -150,6 +283,13 @@ class Route(BaseModel):
     alert_fields: dict[str, str] = Field(
         default_factory=dict,
         description="template field = 'labels.NAME' or 'annotations.NAME'",
+    )
+    min_update_interval_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="flapping damping (publish routes): an alert's update coming sooner "
+        "than this after the incident's previous update is held until then, and dropped if "
+        "the alert fires again meanwhile; 0 publishes at once",
     )
 
     @field_validator("alert_fields")

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 
+from pydantic import BaseModel, ConfigDict
+
 from broadcaster.adapters import build_channels
+from broadcaster.alerts import AlertIntake
 from broadcaster.config import Settings, load_settings
 from broadcaster.dispatch import DispatchBackend, EmbeddedBackend
 from broadcaster.errors import BroadcasterError, CheckFailedError, NotFoundError
 from broadcaster.models import (
     AuditEntry,
+    ChannelInfo,
     ChannelProgress,
     ChannelRender,
     CheckFailure,
@@ -36,14 +40,16 @@ from broadcaster.models import (
     IncidentKind,
     IncidentStatus,
     Preview,
+    TemplateInfo,
     Update,
     UpdateRequest,
 )
+from broadcaster.operations import ProgressCallback
 from broadcaster.store import ChannelPlan, DeliveryQueue, PublishPlan, Store
 from broadcaster.templates import RenderContext, TemplateLibrary
 from channels.base import Channel, ChannelContext
 
-ProgressCallback = Callable[[list[ChannelProgress], bool], Awaitable[None]]
+log = logging.getLogger("broadcaster.core")
 
 _IMPACT_OF_STATE = {
     ComponentState.MAJOR_OUTAGE: Impact.MAJOR,
@@ -55,18 +61,20 @@ _IMPACT_OF_STATE = {
 _IMPACT_ORDER = list(Impact)
 
 
-@dataclass(frozen=True)
-class PublishResult:
+class PublishResult(BaseModel):
     """A published update; `new` is False when its publish key had been published before."""
+
+    model_config = ConfigDict(frozen=True)
 
     incident: Incident
     update: Update
     new: bool
 
 
-@dataclass(frozen=True)
-class DoctorCheck:
+class DoctorCheck(BaseModel):
     """One line of `broadcaster doctor`."""
+
+    model_config = ConfigDict(frozen=True)
 
     subject: str
     ok: bool
@@ -89,6 +97,7 @@ class Broadcaster:
         self.library = library
         self.queue = DeliveryQueue(store)
         self.backend: DispatchBackend = EmbeddedBackend(store, channels, settings.dispatch)
+        self.alerts = AlertIntake(self)
 
     @classmethod
     async def open(
@@ -107,7 +116,7 @@ class Broadcaster:
         library = TemplateLibrary.with_shipped(templates_dir)
         store = await Store.open(settings.store_url)
         broadcaster = cls(settings, store, channels, library)
-        context.write_public_site = broadcaster.write_public_site
+        context.render_public_site = broadcaster.render_public_site
         # Everything built so far (settings, channels with maybe thousands of targets,
         # templates) lives as long as the process: move it out of the collector's way.
         # Walking it on every full collection cost ~20% of a 10,000-target fan-out.
@@ -271,14 +280,19 @@ class Broadcaster:
         incident_id: int | None = None,
         *,
         alert_key: str | None = None,
+        lookup: bool = True,
+        release_draft: int | None = None,
     ) -> PublishResult:
         """Check, then store the update and its deliveries in one transaction.
 
         Raises CheckFailedError (nothing stored) when a check fails. Deliveries go out
         when the backend drives them: `wait()` here, or a running `serve`. `alert_key`
-        ties a new incident to the monitoring alert episode that opened it.
+        ties a new incident to the monitoring alert episode that opened it. `lookup`
+        looks the publish key up first, to skip rendering a repeat (the store's unique
+        key decides either way). `release_draft` names a held draft this publishes: it
+        raises DraftChangedError (nothing stored) when that draft is no longer held.
         """
-        if request.publish_key:
+        if request.publish_key and lookup:
             existing = await self.store.find_by_publish_key(request.publish_key)
             if existing is not None:
                 incident = await self.store.get_incident(existing.incident_id)
@@ -287,10 +301,41 @@ class Broadcaster:
         if preview.failures:
             raise CheckFailedError(preview.failures)
         plan.alert_key = alert_key
+        plan.release_draft = release_draft
         update, new = await self.store.publish(plan)
         if new:
-            self.backend.published()
-        incident = await self.store.get_incident(update.incident_id)
+            log.info(
+                "published update %d of incident %d to %s",
+                update.id,
+                update.incident_id,
+                ", ".join(plan.channels),
+                extra={
+                    "incident_id": update.incident_id,
+                    "update_id": update.id,
+                    "channels": list(plan.channels),
+                    "actor": request.actor,
+                },
+            )
+        if new:
+            # The renders are in hand: the dispatcher need not read them back.
+            renders = {name: channel.render for name, channel in plan.channels.items()}
+            self.backend.published(update.id, renders)
+        if new and plan.incident_id is None:
+            # Opened just now: everything about it is in the plan, no need to read it.
+            incident = Incident(
+                id=update.incident_id,
+                kind=plan.status.kind,
+                title=plan.title,
+                status=plan.status,
+                impact=plan.impact,
+                components=plan.incident_components,
+                created_at=update.created_at,
+                resolved_at=None,
+                alert_key=alert_key,
+                updates=[update],
+            )
+        else:
+            incident = await self.store.get_incident(update.incident_id)
         return PublishResult(incident=incident, update=update, new=new)
 
     async def drafts(self, *, state: DraftState | None = DraftState.PENDING) -> list[Draft]:
@@ -316,9 +361,13 @@ class Broadcaster:
         await self._pending(draft_id)
         await self.store.decide_draft(draft_id, DraftState.REJECTED, actor)
 
+    async def draft(self, draft_id: int) -> Draft:
+        """One draft, whatever its state."""
+        return await self.store.get_draft(draft_id)
+
     async def _pending(self, draft_id: int) -> Draft:
         draft = await self.store.get_draft(draft_id)
-        if draft.state is not DraftState.PENDING:
+        if draft.state not in (DraftState.PENDING, DraftState.HELD):  # held: publish it now
             raise BroadcasterError(f"draft #{draft_id} is already {draft.state.value}")
         return draft
 
@@ -358,9 +407,7 @@ class Broadcaster:
             return await self.store.progress(update_ids=ids)
 
         async def settled() -> bool:
-            # A cheap count on every tick; the full table only for displays.
-            broken = await self.queue.broken_channels()
-            return await self.queue.pending_count(update_ids=ids, except_channels=broken) == 0
+            return await self.settled(ids)
 
         async def tick(dispatching: bool) -> None:
             if on_progress is not None:
@@ -372,14 +419,22 @@ class Broadcaster:
             await on_progress(final, False)
         return final
 
+    async def settled(self, update_ids: Sequence[int] | None = None) -> bool:
+        """Nothing of these updates (of any, without ids) is left to send, except on
+        channels found broken: their deliveries stay queued for later."""
+        # A cheap count: `wait` asks on every tick; the full table is only for displays.
+        broken = await self.queue.broken_channels()
+        return await self.queue.pending_count(update_ids=update_ids, except_channels=broken) == 0
+
     async def dispatch_until(self, stop: asyncio.Event) -> None:
         """Drive deliveries while this process holds the dispatcher lease (watch
-        otherwise), until `stop` is set: what `broadcaster serve` runs."""
+        otherwise), until `stop` is set: what `broadcaster serve` runs. Held updates
+        (flapping damping) are published when due meanwhile."""
 
         async def stopped() -> bool:
             return stop.is_set()
 
-        await self.backend.drive(stopped)
+        await asyncio.gather(self.backend.drive(stopped), self.alerts.release_held_until(stop))
 
     async def dispatch_problem(self) -> str | None:
         """Why dispatch looks stalled, or None: for readiness probes."""
@@ -428,7 +483,30 @@ class Broadcaster:
 
     # -- templates, channels, health -------------------------------------------------------
 
-    def check_templates(self) -> list[CheckFailure]:
+    async def templates(self) -> list[TemplateInfo]:
+        """Every template (yours override ours) with its fields and example values."""
+        return [await self.template(name) for name in self.library.names()]
+
+    async def template(self, name: str) -> TemplateInfo:
+        """One template; NotFoundError names the known ones."""
+        return TemplateInfo.model_validate(self.library.get(name), from_attributes=True)
+
+    async def channel_infos(self) -> list[ChannelInfo]:
+        """The configured channels as `broadcaster channels` lists them."""
+        defaults = self.settings.default_channels or list(self.channels)
+        return [
+            ChannelInfo(
+                name=name,
+                type=channel.config.type,
+                family=channel.family,
+                languages=channel.languages,
+                limits={k: v for k, v in channel.limits.model_dump().items() if v},
+                default=name in defaults,
+            )
+            for name, channel in self.channels.items()
+        ]
+
+    async def check_templates(self) -> list[CheckFailure]:
         """Every template (shipped and yours) against every configured channel."""
         failures: list[CheckFailure] = []
         now = datetime.now(UTC)
@@ -460,36 +538,44 @@ class Broadcaster:
     async def doctor(self) -> list[DoctorCheck]:
         """Config valid, store reachable, secrets present, each channel's own checks."""
         checks = [
-            DoctorCheck("config", True, str(self.settings.config_path or "defaults (no file)")),
-            DoctorCheck("store", True, self.store.engine.url.render_as_string(hide_password=True)),
+            DoctorCheck(
+                subject="config",
+                ok=True,
+                detail=str(self.settings.config_path or "defaults (no file)"),
+            ),
+            DoctorCheck(
+                subject="store",
+                ok=True,
+                detail=self.store.engine.url.render_as_string(hide_password=True),
+            ),
         ]
         for name, channel in self.channels.items():
             problems = await channel.check_config()
             checks.append(
                 DoctorCheck(
-                    f"channel {name}",
-                    not problems,
-                    "; ".join(problems) or f"{channel.config.type}, ok",
+                    subject=f"channel {name}",
+                    ok=not problems,
+                    detail="; ".join(problems) or f"{channel.config.type}, ok",
                 )
             )
-        template_failures = self.check_templates()
+        template_failures = await self.check_templates()
         checks.append(
             DoctorCheck(
-                "templates",
-                not template_failures,
-                f"{len(template_failures)} problem(s) — run `broadcaster templates check`"
+                subject="templates",
+                ok=not template_failures,
+                detail=f"{len(template_failures)} problem(s) — run `broadcaster templates check`"
                 if template_failures
                 else f"{len(self.library.names())} templates fit every channel",
             )
         )
         return checks
 
-    async def write_public_site(
-        self, channel: str, languages: list[str], out_dir: Path
-    ) -> list[Path]:
-        """Render the public side from the store and write it to `out_dir`."""
-        from broadcaster.site.render import render_site, write_site
+    async def render_public_site(self, channel: str, languages: list[str]) -> dict[str, bytes]:
+        """The public side of a banner channel, rendered from the store: path -> content."""
+        from broadcaster.site.render import render_site
         from broadcaster.site.snapshot import public_state
 
         state = await public_state(self.store, self.settings, channel=channel, languages=languages)
-        return write_site(render_site(state), out_dir)
+        # Rendering every page takes a while with many incidents: off the event loop,
+        # so webhooks and API calls are answered meanwhile.
+        return await asyncio.to_thread(render_site, state)

@@ -156,6 +156,8 @@ class ComponentStatus(BaseModel):
 class UpdateRequest(BaseModel):
     """What a person or a monitoring alert asks to publish (before it is checked and stored)."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt field must not vanish silently
+
     status: IncidentStatus
     template: str | None = Field(default=None, description="defaults to the status name")
     title: str | None = None
@@ -359,6 +361,8 @@ class DraftState(StrEnum):
     APPROVED = "approved"
     REJECTED = "rejected"
     OBSOLETE = "obsolete"  # the alert resolved before anyone approved its opening
+    HELD = "held"  # flapping damping: goes out by itself at `not_before`, if still true
+    PUBLISHED = "published"  # a held update that went out when due
 
 
 class Draft(BaseModel):
@@ -375,6 +379,9 @@ class Draft(BaseModel):
     decided_by: str | None = None
     decided_at: datetime | None = None
     update_id: int | None = None
+    not_before: datetime | None = Field(
+        default=None, description="a held update goes out at this time"
+    )
 
 
 class AuditEntry(BaseModel):
@@ -386,3 +393,24 @@ class AuditEntry(BaseModel):
     incident_id: int | None
     update_id: int | None
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class TemplateInfo(BaseModel):
+    """A template as `broadcaster templates list` shows it."""
+
+    name: str
+    description: str
+    required: list[str]
+    optional: list[str]
+    example: dict[str, str]
+
+
+class ChannelInfo(BaseModel):
+    """A configured channel as `broadcaster channels` shows it."""
+
+    name: str
+    type: str
+    family: ChannelFamily
+    languages: list[str]
+    limits: dict[str, Any] = Field(description="only the limits the channel has")
+    default: bool = Field(description="publishing goes here unless told otherwise")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, SecretStr
@@ -33,3 +34,24 @@ class SecretRef(BaseModel):
     def describe(self) -> str:
         where = [f"environment variable {self.env}" if self.env else "", str(self.file or "")]
         return " or file ".join(w for w in where if w) or "nowhere"
+
+
+def secret_refs(value: object) -> Iterator[SecretRef]:
+    """Every SecretRef inside a config model, list or dict, however deep."""
+    if isinstance(value, SecretRef):
+        yield value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from secret_refs(getattr(value, name))
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from secret_refs(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from secret_refs(item)
+
+
+def resolved_values(refs: Iterable[SecretRef], base_dir: Path) -> set[str]:
+    """The values of these secrets that can be read now (for redacting logs)."""
+    values = (ref.resolve(base_dir) for ref in refs)
+    return {value.get_secret_value() for value in values if value is not None}

@@ -35,6 +35,12 @@ website = "Website"
 type = "banner"
 languages = ["en", "fr"]
 output = "public"
+# And/or to an S3-compatible bucket behind a CDN (needs the `s3` extra):
+# bucket = "acme-status"
+# endpoint_url = "https://<account-id>.r2.cloudflarestorage.com"   # not for AWS S3
+# region = "auto"
+# access_key_id = { env = "STATUS_BUCKET_KEY_ID" }
+# secret_access_key = { env = "STATUS_BUCKET_SECRET" }
 
 # Signed JSON webhooks (Standard Webhooks) to partners or your own systems.
 [channels.partners]

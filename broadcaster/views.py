@@ -21,7 +21,7 @@ from broadcaster.models import (
 )
 
 if TYPE_CHECKING:
-    from broadcaster.core import Broadcaster
+    from broadcaster.operations import Operations
 
 _STATE_STYLE = {
     DeliveryState.QUEUED: "yellow",
@@ -185,7 +185,7 @@ def progress_json(progress: Sequence[ChannelProgress]) -> list[dict[str, Any]]:
 
 
 async def watch_deliveries(
-    broadcaster: Broadcaster, update_ids: Sequence[int] | None, console: Console
+    broadcaster: Operations, update_ids: Sequence[int] | None, console: Console
 ) -> list[ChannelProgress]:
     """Drive (or watch) deliveries with a live per-channel table until they settle."""
     ids = list(update_ids) if update_ids is not None else None

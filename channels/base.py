@@ -97,18 +97,18 @@ class Message:
     delivery_key: str
 
 
-# (channel name, languages, output folder) -> files written
-PublicSiteWriter = Callable[[str, list[str], Path], Awaitable[list[Path]]]
+# (channel name, languages) -> relative path -> content
+PublicSiteRenderer = Callable[[str, list[str]], Awaitable[dict[str, bytes]]]
 
 
 @dataclass
 class ChannelContext:
     """What the core lends an adapter: where relative paths start, where to keep files,
-    and the writer of the public site (rendered from the store by broadcaster/site)."""
+    and the renderer of the public site (from the store, by broadcaster/site)."""
 
     base_dir: Path
     data_dir: Path
-    write_public_site: PublicSiteWriter | None = None
+    render_public_site: PublicSiteRenderer | None = None
 
 
 class Channel(ABC):

@@ -1,5 +1,6 @@
-"""Shared fixtures: a webhook receiver simulator, broadcasters on a temporary store, and
-the PostgreSQL running on this machine (skipped only when absent and CI is unset)."""
+"""Shared fixtures: a webhook receiver simulator, broadcasters on a temporary store, the
+PostgreSQL running on this machine, and `require` for any service or tool a test needs
+(skipped only when absent and CI is unset)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,16 @@ async def make_broadcaster(tmp_path: Path) -> AsyncIterator[MakeBroadcaster]:
         await broadcaster.close()
 
 
+def require(available: bool, missing: str) -> None:
+    """Skip a test whose service or tool is `missing` on a developer's machine; fail it
+    when CI is set, because CI never passes by skipping."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{missing} (CI is set: CI never passes by skipping)")
+    pytest.skip(missing)
+
+
 def postgres_reachable() -> bool:
     try:
         import psycopg
@@ -90,10 +101,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The store tests run on SQLite and on this machine's PostgreSQL."""
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path}/store.db"
-    if not postgres_reachable():
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL} and CI is set")
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}")
+    require(postgres_reachable(), f"PostgreSQL is not reachable at {POSTGRES_URL}")
     import psycopg
 
     with psycopg.connect(POSTGRES_URL.replace("postgresql+psycopg", "postgresql")) as conn:

@@ -23,6 +23,8 @@ from tests.test_hooks import FIRING as ALERTMANAGER_FIRING
 from tests.test_hooks import resolved
 from tests.test_serve import serving
 
+# Resolutions here go out at once; tests/test_flapping.py covers flapping damping.
+NO_DAMPING = {"min_update_interval_seconds": 0}
 GRAFANA_TOKEN = "grafana-token-0123456789"
 GRAFANA_SECRET = "grafana-hmac-secret-0123456789"
 PAGERDUTY_SECRET = "pd-webhook-secret-new-0123456789"
@@ -301,7 +303,7 @@ async def setup(
         },
         routes=[
             route("grafana-blue", "grafana", {"team": "blue"}),
-            route("grafana-now", "grafana", {"team": "checkout"}, action="publish"),
+            route("grafana-now", "grafana", {"team": "checkout"}, action="publish", **NO_DAMPING),
             route(
                 "pd-api",
                 "pagerduty",
@@ -309,9 +311,17 @@ async def setup(
                 fields={},
                 alert_fields={"summary": "annotations.summary"},
             ),
-            route("pd-now", "pagerduty", {"service": "Checkout Service"}, action="publish"),
+            route(
+                "pd-now",
+                "pagerduty",
+                {"service": "Checkout Service"},
+                action="publish",
+                **NO_DAMPING,
+            ),
             route("generic-checkout", "generic", {"service": "checkout"}),
-            route("generic-now", "generic", {"service": "payments"}, action="publish"),
+            route(
+                "generic-now", "generic", {"service": "payments"}, action="publish", **NO_DAMPING
+            ),
         ],
     )
     async with serving(b) as base:
@@ -519,6 +529,7 @@ async def test_pagerduty_publish_route_opens_and_resolves(setup: tuple[Broadcast
         "incident_id": None,
         "update_id": None,
         "draft_id": None,
+        "not_before": None,
     }
     resolution = pagerduty_event("incident.resolved", **PAGERDUTY_CHECKOUT)
     closed = await send(base, "pagerduty", resolution)

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from broadcaster.core import Broadcaster
-from broadcaster.models import DeliveryState, DraftState, IncidentStatus
+from broadcaster.models import DeliveryState, DraftState, IncidentStatus, UpdateRequest
 from broadcaster.sandbox import WebhookReceiver
 from tests.conftest import MakeBroadcaster, webhook_channel
 from tests.test_serve import serving
@@ -98,7 +98,13 @@ async def setup(
         hooks={"alertmanager_token": {"env": "AM_TOKEN"}},
         routes=[
             route(),
-            route(name="publish-now", match={"service": "checkout"}, action="publish"),
+            # Resolutions go out at once here; tests/test_flapping.py covers damping.
+            route(
+                name="publish-now",
+                match={"service": "checkout"},
+                action="publish",
+                min_update_interval_seconds=0,
+            ),
         ],
     )
     async with serving(b) as base:
@@ -117,6 +123,14 @@ async def post(
         session.post(f"{base}/hooks/alertmanager", data=data, headers=headers) as response,
     ):
         return response.status, await response.json()
+
+
+OPENING_BY_HAND = UpdateRequest(
+    status=IncidentStatus.INVESTIGATING,
+    title="Slow logins",
+    fields={"summary": "Logging in takes a minute."},
+    actor="cli:alice",
+)
 
 
 def checkout(payload: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +225,25 @@ async def test_publish_route_opens_resolves_and_reopens_on_a_new_episode(
     assert len(delivered) >= 2  # banner + webhook of the opening, then the resolution
 
 
+async def test_metrics_time_each_alert_to_its_first_delivery_once(
+    setup: tuple[Broadcaster, str],
+) -> None:
+    b, base = setup
+    _, body = await post(base, checkout(FIRING))
+    await asyncio.wait_for(b.wait([body["results"][0]["update_id"]]), timeout=10)
+    await b.publish(OPENING_BY_HAND)  # not from an alert: not timed
+
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as reply:
+            return await reply.text()
+
+    first = await scrape()
+    assert "broadcaster_alert_to_first_delivery_seconds_count 1.0" in first
+    assert 'broadcaster_alert_to_first_delivery_seconds_bucket{le="5.0"} 1.0' in first
+    await post(base, checkout(FIRING))  # a repeat opens nothing new
+    assert "broadcaster_alert_to_first_delivery_seconds_count 1.0" in await scrape()
+
+
 async def test_resolved_before_approval_makes_the_draft_obsolete(
     setup: tuple[Broadcaster, str],
 ) -> None:
@@ -242,3 +275,35 @@ async def test_hook_without_a_token_configured_is_not_served(
     async with serving(b) as base:
         status, body = await post(base, FIRING)
     assert status == 404 and "not configured" in body["detail"]
+
+
+async def test_twenty_identical_notifications_at_once_open_one_incident_and_post_once(
+    setup: tuple[Broadcaster, str], receiver: WebhookReceiver
+) -> None:
+    b, base = setup
+    answers = await asyncio.gather(*(post(base, checkout(FIRING)) for _ in range(20)))
+    actions = sorted(body["results"][0]["action"] for _status, body in answers)
+    assert actions == ["duplicate"] * 19 + ["published"]
+    (listed,) = await b.incidents()
+    assert {body["results"][0]["incident_id"] for _status, body in answers} == {listed.id}
+    assert len((await b.incident(listed.id)).updates) == 1
+    await asyncio.wait_for(b.wait(), timeout=10)
+    assert len(receiver.received) == 1  # the partner is told once
+
+
+async def test_repeats_answered_from_memory_agree_with_the_store(
+    setup: tuple[Broadcaster, str], make_broadcaster: MakeBroadcaster
+) -> None:
+    b, base = setup
+    _, body = await post(base, checkout(FIRING))
+    first = body["results"][0]
+    # Another process (a person with the CLI) resolves it: this server does not know.
+    other = await make_broadcaster(dict(b.settings.channels), components={"payments": "Payments"})
+    resolution = UpdateRequest(status=IncidentStatus.RESOLVED, actor="cli:alice")
+    await other.publish(resolution, first["incident_id"])
+    _, body = await post(base, checkout(FIRING))  # a late repeat of the same episode
+    assert body["results"][0]["action"] == "duplicate"
+    assert [i.id for i in await b.incidents()] == [first["incident_id"]]
+    _, body = await post(base, checkout(refired()))  # a new episode opens a new incident
+    assert body["results"][0]["action"] == "published"
+    assert body["results"][0]["incident_id"] != first["incident_id"]

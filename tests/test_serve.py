@@ -25,7 +25,8 @@ from broadcaster.core import Broadcaster
 from broadcaster.errors import ConfigError
 from broadcaster.models import ChannelProgress, ComponentState, IncidentStatus, UpdateRequest
 from broadcaster.sandbox import Behaviour, WebhookReceiver
-from broadcaster.server import create_app
+from broadcaster.server import create_app, server_config
+from broadcaster.server.languages import negotiate_language
 from tests.conftest import MakeBroadcaster, webhook_channel
 
 BANNER = {"type": "banner", "languages": ["en", "fr"], "output": "public"}
@@ -40,10 +41,10 @@ OPENING = UpdateRequest(
 
 @asynccontextmanager
 async def serving(broadcaster: Broadcaster, *, dispatch: bool = True) -> AsyncIterator[str]:
-    """The app on uvicorn on 127.0.0.1, an ephemeral port; yields its base URL."""
-    config = uvicorn.Config(
-        create_app(broadcaster, dispatch=dispatch), host="127.0.0.1", port=0, log_level="warning"
-    )
+    """The app on uvicorn on 127.0.0.1, an ephemeral port, configured as `serve` runs it;
+    yields its base URL."""
+    app = create_app(broadcaster, dispatch=dispatch)
+    config = server_config(app, broadcaster.settings.serve, host="127.0.0.1", port=0)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -93,6 +94,70 @@ async def test_public_side_is_served_live_from_the_store(
         assert status == 200  # the default language also answers by name
         status, _, _ = await get(f"{base}/../secrets")
         assert status == 404
+
+
+async def fetch(url: str, accept_language: str | None = None) -> aiohttp.ClientResponse:
+    """One GET, redirects not followed; the body is read before the response is returned."""
+    headers = {"Accept-Language": accept_language} if accept_language is not None else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers=headers, allow_redirects=False) as response,
+    ):
+        await response.read()
+        return response
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, "en"),
+        ("", "en"),
+        ("fr", "fr"),
+        ("fr-CH, fr;q=0.9, en;q=0.8", "fr"),  # a region falls back to its language
+        ("de-DE, de;q=0.9, fr;q=0.7, en;q=0.8", "en"),  # by weight, not by position
+        ("de, *;q=0.1", "en"),  # anything: the default
+        ("fr;q=0, *", "en"),
+        ("en;q=0, *", "fr"),  # the default refused: another one
+        ("EN-gb , FR ; Q=0.5", "en"),  # case and spaces do not matter
+        ("fr;q=2, en;q=0.5", "en"),  # an invalid weight drops that entry only
+        ("x-😀, fr", "fr"),
+        ("de", "en"),
+    ],
+)
+def test_accept_language_negotiation(header: str | None, expected: str) -> None:
+    assert negotiate_language(header, ["en", "fr"], "en") == expected
+
+
+def test_accept_language_takes_a_configured_regional_variant() -> None:
+    assert negotiate_language("fr-CH, en;q=0.5", ["en", "fr-CA"], "en") == "fr-CA"
+    assert negotiate_language("pt-br", ["en", "pt", "pt-BR"], "en") == "pt-BR"
+
+
+async def test_root_page_follows_accept_language_and_explicit_urls_never_do(
+    make_broadcaster: MakeBroadcaster,
+) -> None:
+    b = await make_broadcaster({"status-page": BANNER}, serve={"site_cache_seconds": 0})
+    async with serving(b, dispatch=False) as base:
+        english = await fetch(f"{base}/", "de, en;q=0.5")
+        assert english.status == 200 and english.headers["Content-Language"] == "en"
+        assert english.headers["Vary"] == "Accept-Language"  # caches keep one per language
+        french = await fetch(f"{base}/", "fr-FR, fr;q=0.9, en;q=0.8")
+        assert french.status == 302 and french.headers["Location"] == "fr/"
+        assert french.headers["Vary"] == "Accept-Language"
+
+        # What the language switch links to is the reader's choice: no negotiation, no Vary.
+        chosen = await fetch(f"{base}/index.html", "fr")
+        assert chosen.status == 200 and chosen.headers["Content-Language"] == "en"
+        assert "Vary" not in chosen.headers
+        assert 'lang="en"' in (await chosen.text())
+        chosen = await fetch(f"{base}/fr/", "en")
+        assert chosen.status == 200 and chosen.headers["Content-Language"] == "fr"
+        assert "Vary" not in chosen.headers
+
+        # Served elsewhere, a page's relative links would break: redirect to where they work.
+        for path, location in (("/fr", "fr/"), ("/en/", "../index.html"), ("/en", "index.html")):
+            moved = await fetch(f"{base}{path}", "fr")
+            assert (moved.status, moved.headers["Location"]) == (302, location), path
 
 
 async def test_serve_dispatches_and_a_cli_on_the_same_store_only_watches(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -29,6 +29,7 @@ from broadcaster.site import (
     render_site,
     write_site,
 )
+from tests.conftest import require
 
 ATOM = "{http://www.w3.org/2005/Atom}"
 
@@ -190,6 +191,14 @@ def test_index_is_the_default_language_page_readable_on_a_phone(site: dict[str, 
     # No external assets, no script: the page must load when everything else is down.
     assert "<script" not in page
     assert 'rel="stylesheet"' not in page
+
+
+def test_page_icon_is_inline_in_the_overall_colour_so_no_favicon_404(
+    site: dict[str, bytes],
+) -> None:
+    # Regression: without an icon every browser asked for /favicon.ico and logged a 404.
+    icon = re.search(r'<link rel="icon" href="(data:image/svg\+xml,[^"]+)">', html(site))
+    assert icon is not None and "%23bc4c00" in icon.group(1)  # major: orange
 
 
 def test_index_shows_open_incident_thread_newest_first(site: dict[str, bytes]) -> None:
@@ -560,10 +569,8 @@ def test_banner_script_shows_dismisses_and_reshows_on_new_update(
     site: dict[str, bytes], tmp_path: Path
 ) -> None:
     node = shutil.which("node")
-    if node is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is required in CI to run the banner script")
-        pytest.skip("node is not installed: cannot run banner.js")
+    require(node is not None, "node is not installed: cannot run banner.js")
+    assert node is not None
     newer = json.loads(site["status.fr.json"])
     newer["incidents"][0]["update_id"] = 13
     newer["incidents"][0]["summary"] = "Correctif en cours de déploiement."

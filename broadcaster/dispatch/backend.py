@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from broadcaster.config import DispatchSettings
 from broadcaster.dispatch.dispatcher import Dispatcher
+from broadcaster.models import ChannelRender
 from broadcaster.store import DeliveryQueue, Store
 from broadcaster.store.queue import new_holder_id
 from channels.base import Channel
@@ -30,8 +31,11 @@ class DispatchBackend(ABC):
     """Drives stored deliveries to a final state."""
 
     @abstractmethod
-    def published(self) -> None:
-        """Deliveries were just stored by this process: look at them now."""
+    def published(
+        self, update_id: int | None = None, renders: Mapping[str, ChannelRender] | None = None
+    ) -> None:
+        """Deliveries were just stored by this process: look at them now. With the
+        update's renders per channel, they need not be read back from the store."""
 
     @abstractmethod
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
@@ -62,8 +66,12 @@ class EmbeddedBackend(DispatchBackend):
         # One drive at a time per process: its dispatcher owns the channels' sessions.
         self._driving = asyncio.Lock()
 
-    def published(self) -> None:
+    def published(
+        self, update_id: int | None = None, renders: Mapping[str, ChannelRender] | None = None
+    ) -> None:
         if self._dispatcher is not None:
+            if update_id is not None and renders:
+                self._dispatcher.remember_renders(update_id, renders)
             self._dispatcher.wake()
 
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:

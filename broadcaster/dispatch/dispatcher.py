@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,6 +29,7 @@ log = logging.getLogger("broadcaster.dispatch")
 
 SEND_TIMEOUT_SECONDS = 60.0
 BROKEN_RECHECK_SECONDS = 2.0
+RENDERS_KEPT = 1024  # (update, channel) renders kept in memory, least recently used out
 
 
 @dataclass
@@ -97,9 +99,20 @@ class Dispatcher:
         self.limiters = RateLimiters()
         self._states = {name: _ChannelState() for name in self.channels}
         self._outcomes: asyncio.Queue[tuple[str, Outcome, str | None]] = asyncio.Queue()
-        self._renders: dict[tuple[int, str], ChannelRender] = {}
+        self._renders: OrderedDict[tuple[int, str], ChannelRender] = OrderedDict()
         self._sends: set[asyncio.Task[None]] = set()
         self._stopping = False
+
+    def remember_renders(self, update_id: int, renders: Mapping[str, ChannelRender]) -> None:
+        """An update's renders, handed over by the process that just published it."""
+        for name, render in renders.items():
+            self._keep_render((update_id, name), render)
+
+    def _keep_render(self, key: tuple[int, str], render: ChannelRender) -> None:
+        self._renders[key] = render
+        self._renders.move_to_end(key)
+        while len(self._renders) > RENDERS_KEPT:
+            self._renders.popitem(last=False)
 
     def wake(self) -> None:
         """Look at the queue now (a publish or retry happened in this process)."""
@@ -142,7 +155,11 @@ class Dispatcher:
                 if await self.queue.is_broken(channel.name):
                     await self._sleep(state, BROKEN_RECHECK_SECONDS)
                     continue
-                log.warning("%s: marked healthy again, resuming", channel.name)
+                log.warning(
+                    "%s: marked healthy again, resuming",
+                    channel.name,
+                    extra={"channel": channel.name, "outcome": "resumed"},
+                )
                 state.broken = None
             free = channel.concurrency - state.unsettled
             if state.unsettled and free < channel.concurrency / 2:
@@ -155,7 +172,11 @@ class Dispatcher:
                     channel.name, free, self.settings.sending_lease_seconds
                 )
             except Exception:  # the store is busy or briefly gone: look again later
-                log.exception("%s: could not claim deliveries; retrying", channel.name)
+                log.exception(
+                    "%s: could not claim deliveries; retrying",
+                    channel.name,
+                    extra={"channel": channel.name},
+                )
                 await self._sleep(state, BROKEN_RECHECK_SECONDS)
                 continue
             if claimed:
@@ -169,23 +190,32 @@ class Dispatcher:
             await asyncio.wait_for(state.wake.wait(), timeout=seconds)
 
     async def _start_sends(self, channel: Channel, claimed: list[Claimed]) -> None:
-        missing = {c.update_id for c in claimed if (c.update_id, channel.name) not in self._renders}
-        for update_id in missing:
-            for name, render in (await self.store.renders(update_id)).items():
-                self._renders[(update_id, name)] = render
+        renders: dict[int, ChannelRender] = {}
+        for item in claimed:
+            if item.update_id not in renders:
+                render = self._renders.get((item.update_id, channel.name))
+                if render is None:
+                    for name, stored in (await self.store.renders(item.update_id)).items():
+                        self._keep_render((item.update_id, name), stored)
+                    render = self._renders[(item.update_id, channel.name)]
+                renders[item.update_id] = render
         threads: dict[tuple[int, str], Thread] = {}
         if channel.capabilities.threads:
             threads = await self.queue.threads(channel.name, claimed)
         for item in claimed:
-            task = asyncio.create_task(self._send(channel, item, threads.get(item.thread)))
+            task = asyncio.create_task(
+                self._send(channel, item, renders[item.update_id], threads.get(item.thread))
+            )
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
 
-    async def _send(self, channel: Channel, claimed: Claimed, thread: Thread | None) -> None:
+    async def _send(
+        self, channel: Channel, claimed: Claimed, render: ChannelRender, thread: Thread | None
+    ) -> None:
         broken: str | None = None
         try:
             message = Message(
-                render=self._renders[(claimed.update_id, channel.name)],
+                render=render,
                 recipient=Recipient(id=claimed.recipient, language=claimed.language),
                 thread=thread,
                 incident_id=claimed.incident_id,
@@ -217,7 +247,11 @@ class Dispatcher:
             )
             outcome = self._failure(channel, claimed, timeout)
         except Exception as error:  # an adapter bug must not kill the dispatcher
-            log.exception("%s: unexpected error from the adapter", channel.name)
+            log.exception(
+                "%s: unexpected error from the adapter",
+                channel.name,
+                extra={"channel": channel.name, "delivery_id": claimed.id},
+            )
             wrapped = TransientError(f"{channel.name}: unexpected {type(error).__name__}")
             outcome = self._failure(channel, claimed, wrapped)
         self._outcomes.put_nowait((channel.name, outcome, broken))
@@ -256,6 +290,11 @@ class Dispatcher:
             state.unsettled -= 1
             if broken is not None and state.broken is None:
                 state.broken = broken
-                log.error("%s: channel broken, its deliveries stay queued: %s", name, broken)
+                log.error(
+                    "%s: channel broken, its deliveries stay queued: %s",
+                    name,
+                    broken,
+                    extra={"channel": name, "outcome": "broken"},
+                )
                 await self.queue.mark_broken(name, broken)
             state.wake.set()

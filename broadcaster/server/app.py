@@ -8,30 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from broadcaster.config import ServeSettings
 from broadcaster.core import Broadcaster
+from broadcaster.errors import BroadcasterError
+from broadcaster.server.api import api_router, broadcaster_error
+from broadcaster.server.heartbeat import beat_while_ready
 from broadcaster.server.hooks import bearer_matches, hooks_router
+from broadcaster.server.limits import PerIpRateLimit
 from broadcaster.server.live_site import LiveSite
 from broadcaster.server.metrics import Metrics
+from broadcaster.site.media import CACHE_CONTROL, content_type
 
-_CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".json": "application/json",
-    ".js": "text/javascript; charset=utf-8",
-    ".atom": "application/atom+xml; charset=utf-8",
-}
 # Public and cacheable for a few seconds: during an outage the page may be hit hard.
-_PUBLIC_HEADERS = {"Cache-Control": "public, max-age=10", "Access-Control-Allow-Origin": "*"}
+_PUBLIC_HEADERS = {"Cache-Control": CACHE_CONTROL, "Access-Control-Allow-Origin": "*"}
 
 
 def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
@@ -42,29 +44,44 @@ def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
         worker = asyncio.create_task(broadcaster.dispatch_until(stop)) if dispatch else None
+        heartbeat = asyncio.create_task(beat_while_ready(broadcaster, stop))
         try:
             yield
         finally:
             # Graceful: in-flight sends finish and their outcomes are recorded.
             stop.set()
+            heartbeat.cancel()  # a heartbeat in flight must not hold the exit up
             if worker is not None:
                 await worker
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
 
     app = FastAPI(
         title="incident-broadcaster",
         lifespan=lifespan,
-        docs_url=None,
+        docs_url="/v1/docs",
         redoc_url=None,
+        openapi_url="/v1/openapi.json",
     )
-
+    app.add_exception_handler(BroadcasterError, broadcaster_error)
+    # Routes are matched in order: the webhooks, the busiest, first.
     hooks = hooks_router(broadcaster)
     app.include_router(hooks)
+    app.include_router(api_router(broadcaster))
     metrics = Metrics(broadcaster)
     hook_sources = {
         route.path.removeprefix("/hooks/") for route in hooks.routes if isinstance(route, APIRoute)
     }
 
+    serve = broadcaster.settings.serve
+    # Outermost first: the real client address, then counting (429s included), then limits.
+    app.add_middleware(
+        PerIpRateLimit,
+        limits=serve.rate_limit_per_ip,
+        on_refusal=lambda limit: metrics.rate_limited.labels(limit).inc(),
+    )
     app.add_middleware(HookRequestCounter, metrics=metrics, sources=hook_sources)
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=serve.trusted_proxies)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(request: Request) -> Response:
@@ -92,25 +109,48 @@ def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     @app.get("/{path:path}", include_in_schema=False)
-    async def public(path: str) -> Response:
+    async def public(path: str, request: Request) -> Response:
         """The status page, status JSON, banner.js, feeds and Statuspage-style JSON."""
-        files = await site.files()
-        name = path.strip("/")
-        if not name or name == site.languages[0]:
-            name = "index.html"  # the default language lives at the root
-        elif f"{name}/index.html" in files:
-            name = f"{name}/index.html"
-        content = files.get(name)
+        answer = site.locate(path, request.headers.get("accept-language"))
+        headers = {**_PUBLIC_HEADERS, **answer.headers}
+        if answer.redirect is not None:
+            return RedirectResponse(answer.redirect, status_code=302, headers=headers)
+        name = answer.name or ""
+        content = (await site.files()).get(name)
         if content is None:
             raise HTTPException(status_code=404, detail="no such page")
-        suffix = name[name.rfind(".") :]
-        return Response(
-            content,
-            media_type=_CONTENT_TYPES.get(suffix, "application/octet-stream"),
-            headers=_PUBLIC_HEADERS,
-        )
+        return Response(content, media_type=content_type(name), headers=headers)
 
     return app
+
+
+def server_config(
+    app: ASGIApp, settings: ServeSettings, *, host: str | None = None, port: int | None = None
+) -> uvicorn.Config:
+    """uvicorn's settings for the app, as `serve` runs it.
+
+    Forwarded headers are the app's job (it believes only `serve.trusted_proxies`, not
+    uvicorn's FORWARDED_ALLOW_IPS), and log lines are the root handler's
+    (`broadcaster.logs`), uvicorn's access lines included."""
+    config = uvicorn.Config(
+        app,
+        host=host or settings.host,
+        port=settings.port if port is None else port,
+        lifespan="on",
+        proxy_headers=False,
+        log_config=None,
+        log_level="info",
+    )
+    # Access lines are INFO records of "uvicorn.access": switched by its level, because
+    # uvicorn's own `access_log=False` detaches that logger for the whole process.
+    access = logging.INFO if settings.access_log else logging.WARNING
+    for name in ("uvicorn.error", "uvicorn.access"):
+        # Another uvicorn in this process may have configured them with its own handlers.
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").setLevel(access)
+    return config
 
 
 class GracefulServer(uvicorn.Server):

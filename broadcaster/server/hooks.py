@@ -352,7 +352,20 @@ async def generic_event(broadcaster: Broadcaster, alert: GenericAlert) -> AlertE
 
 def hooks_router(broadcaster: Broadcaster) -> APIRouter:
     """POST /hooks/alertmanager, /hooks/grafana, /hooks/pagerduty, /hooks/generic."""
-    router = APIRouter(prefix="/hooks")
+    refusals = {
+        400: "malformed JSON",
+        401: "a credential is missing",
+        403: "a credential is wrong",
+        404: "this source has no credential configured",
+        413: "body over hooks.max_body_bytes",
+        422: "the body does not fit the source's payload",
+        429: "too many requests from this address",
+    }
+    router = APIRouter(
+        prefix="/hooks",
+        tags=["monitoring webhooks"],
+        responses={code: {"description": why} for code, why in refusals.items()},
+    )
     settings = broadcaster.settings.hooks
     base_dir = broadcaster.settings.resolve_path(Path("."))
     limit = settings.max_body_bytes

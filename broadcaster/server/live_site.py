@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from broadcaster.core import Broadcaster
 from broadcaster.errors import ConfigError
+from broadcaster.server.languages import negotiate_language
 from broadcaster.site.render import render_site
 from broadcaster.site.snapshot import public_state
 
@@ -28,6 +31,19 @@ def public_channel(broadcaster: Broadcaster) -> str:
             'type = "banner" (see `broadcaster init`)'
         )
     return banners[0]
+
+
+@dataclass(frozen=True)
+class PublicAnswer:
+    """What a request for the public side gets: a file of the site, or a redirect.
+
+    `redirect` is relative to the requested URL, so the site also works behind a
+    proxy that serves it under a sub-path.
+    """
+
+    name: str | None = None
+    redirect: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class LiveSite:
@@ -54,6 +70,40 @@ class LiveSite:
                     channel=self.channel,
                     languages=self.languages,
                 )
-                self._files = render_site(state)
+                if state.status_page_url is None:
+                    # Served from here: the absolute links (feeds, Statuspage JSON) point here.
+                    public_url = self.broadcaster.settings.serve.public_url
+                    state = state.model_copy(update={"status_page_url": public_url})
+                self._files = await asyncio.to_thread(render_site, state)
                 self._rendered_at = time.monotonic()
         return self._files
+
+    def locate(self, path: str, accept_language: str | None) -> PublicAnswer:
+        """Which file answers `path`; `/` alone picks the language by `Accept-Language`.
+
+        Only the bare root negotiates. `index.html` (the default language, which the
+        language switch links to) and `<lang>/` are fixed, so a visitor who picks English
+        on a French browser stays in English, and those URLs cache without `Vary`.
+        Directories without their slash, and the default language by name, redirect to
+        the URL whose relative links work.
+        """
+        default = self.languages[0]
+        if path == "":
+            wanted = negotiate_language(accept_language, self.languages, default)
+            vary = {"Vary": "Accept-Language"}
+            if wanted == default:
+                return PublicAnswer(name="index.html", headers={**vary, "Content-Language": wanted})
+            return PublicAnswer(redirect=f"{wanted}/", headers=vary)
+        if path in (default, f"{default}/", f"{default}/index.html"):
+            # The root page's links are relative to the root: served here they would break.
+            return PublicAnswer(redirect="../" * path.count("/") + "index.html")
+        if path in self.languages:
+            return PublicAnswer(redirect=f"{path}/")
+        name = f"{path}index.html" if path.endswith("/") else path
+        language = next(
+            (code for code in self.languages if name == f"{code}/index.html"),
+            default if name == "index.html" else None,
+        )
+        return PublicAnswer(
+            name=name, headers={"Content-Language": language} if language is not None else {}
+        )

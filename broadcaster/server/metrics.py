@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from broadcaster.core import Broadcaster
 from broadcaster.models import DeliveryState
 
+# Incidents opened by an alert in this window are looked at for their first delivery.
+ALERT_WINDOW = timedelta(hours=6)
+
 
 class Metrics:
-    """Deliveries by channel and state, the queue's backlog, webhook requests."""
+    """Deliveries by channel and state, the queue's backlog, webhook requests, requests
+    refused by the per-address limits, and the time from an alert to its first delivery."""
 
     def __init__(self, broadcaster: Broadcaster) -> None:
         self.broadcaster = broadcaster
@@ -45,6 +49,21 @@ class Metrics:
             ["source", "status"],
             registry=self.registry,
         )
+        self.alert_to_delivery = Histogram(
+            "broadcaster_alert_to_first_delivery_seconds",
+            "From a monitoring alert's arrival to the first delivery of the incident it "
+            "opened (approval time included when the route drafts)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+            registry=self.registry,
+        )
+        self._observed: set[int] = set()  # incidents already in the histogram
+        self.rate_limited = Counter(
+            "broadcaster_rate_limited_requests",
+            "Requests answered 429 because their client address was over its limit, by "
+            "limit (inbound: /hooks/*, site: the public side)",
+            ["limit"],
+            registry=self.registry,
+        )
 
     async def render(self) -> bytes:
         """The text exposition format, with gauges refreshed from the store."""
@@ -62,4 +81,11 @@ class Metrics:
         oldest = await queue.oldest_due(except_channels=sorted(broken))
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         self.oldest_due.set(max(0.0, age))
+        since = datetime.now(UTC) - ALERT_WINDOW
+        latencies = await store.alert_to_first_delivery(since)
+        for incident_id, seconds in latencies.items():
+            if incident_id not in self._observed:
+                self.alert_to_delivery.observe(seconds)
+        # Only the window's incidents can come again: the set stays small.
+        self._observed = set(latencies)
         return generate_latest(self.registry)

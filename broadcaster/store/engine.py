@@ -7,7 +7,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -16,7 +17,7 @@ from broadcaster.errors import BroadcasterError
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration; a test checks it matches the migrations folder, so a store
 # already at it skips Alembic (and its import) entirely.
-HEAD_REVISION = "0002_alerts_drafts"
+HEAD_REVISION = "0003_held_updates"
 
 
 # Execution option marking a connection that will write (see the "begin" event below).
@@ -27,39 +28,71 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def sqlite_database(url: str) -> str | None:
+    """The file of a SQLite URL; None for another database or an in-memory one."""
+    if not is_sqlite(url) or "///" not in url:
+        return None
+    database = url.split("///", 1)[1]
+    return database if database and database != ":memory:" else None
+
+
 def create_engine(url: str) -> AsyncEngine:
     """An async engine; SQLite in WAL mode with a busy timeout, foreign keys on."""
     if is_sqlite(url):
-        database = url.split("///", 1)[1] if "///" in url else ""
-        if database and database != ":memory:":
+        database = sqlite_database(url)
+        if database is not None:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            # WAL: readers never block the writer; NORMAL is durable across a killed
-            # process (only a power cut may lose the last commits).
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-            # Let SQLAlchemy say when transactions begin (the driver's implicit BEGIN
-            # would be DEFERRED, which fails at once instead of waiting on a busy file).
-            dbapi_connection.isolation_level = None
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _begin(conn: Any) -> None:
-            # A writing transaction takes the write lock up front (IMMEDIATE), so two
-            # processes (a CLI and a `serve`) queue on busy_timeout instead of failing on
-            # a lock upgrade; a reading one takes no lock at all (WAL readers see a
-            # snapshot and never block the writer).
-            writes = conn.get_execution_options().get(WRITE_OPTION, False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
-
+        # Each aiosqlite connection is a thread: keep enough of them open that a burst
+        # of webhook requests does not open (and close) overflow connections, a thread
+        # and four PRAGMAs each.
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30}, pool_size=16, max_overflow=16
+        )
+        _sqlite_settings(engine.sync_engine)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def create_thread_engine(url: str) -> Engine | None:
+    """SQLite file stores only: a synchronous engine on the same file, for the hot
+    path's transactions run whole in a worker thread (see `Store.run_in_thread`)."""
+    if sqlite_database(url) is None:
+        return None
+    engine = sa_create_engine(
+        sync_url(url),
+        connect_args={"timeout": 30, "check_same_thread": False},
+        pool_size=4,
+        max_overflow=4,
+    )
+    _sqlite_settings(engine)
+    return engine
+
+
+def _sqlite_settings(engine: Engine) -> None:
+    """WAL, durability, foreign keys, busy timeout; IMMEDIATE for writing transactions."""
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL: readers never block the writer; NORMAL is durable across a killed
+        # process (only a power cut may lose the last commits).
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+        # Let SQLAlchemy say when transactions begin (the driver's implicit BEGIN
+        # would be DEFERRED, which fails at once instead of waiting on a busy file).
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        # A writing transaction takes the write lock up front (IMMEDIATE), so two
+        # processes (a CLI and a `serve`) queue on busy_timeout instead of failing on
+        # a lock upgrade; a reading one takes no lock at all (WAL readers see a
+        # snapshot and never block the writer).
+        writes = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
 
 
 def sync_url(url: str) -> str:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Integer, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from broadcaster.models import PENDING_STATES, DeliveryState, PostRef, Thread
 from broadcaster.store.engine import is_sqlite
@@ -176,8 +177,8 @@ class DeliveryQueue:
             "claim_limit": limit,
             "claim_lease_until": now + timedelta(seconds=lease_seconds),
         }
-        async with self.store.connection() as conn:
-            rows = (await conn.execute(_claim_statement(is_sqlite(self.store.url)), params)).all()
+        statement = _claim_statement(is_sqlite(self.store.url))
+        rows = await self.store.write_connection(lambda conn: conn.execute(statement, params).all())
         claimed = [Claimed(*row) for row in rows]
         claimed.sort(key=lambda c: c.id)
         return claimed
@@ -241,22 +242,28 @@ class DeliveryQueue:
                 key = (o.state, o.last_error, o.next_attempt_at, o.uncount_attempt)
                 alike.setdefault(key, []).append(o.id)
         table = _DELIVERIES
-        async with self.store.connection() as conn:
-            for (state, last_error, next_attempt_at, uncount), ids in alike.items():
-                values: dict[str, Any] = {
-                    "state": state.value,
-                    "last_error": last_error,
-                    "next_attempt_at": next_attempt_at,
-                    "lease_until": None,
-                    "updated_at": now,
-                }
-                if state in _SUCCESS:
-                    values["sent_at"] = now
-                if uncount:
-                    values["attempts"] = table.c.attempts - 1
-                await conn.execute(update(table).where(table.c.id.in_(ids)).values(values))
+        statements = []
+        for (state, last_error, next_attempt_at, uncount), ids in alike.items():
+            values: dict[str, Any] = {
+                "state": state.value,
+                "last_error": last_error,
+                "next_attempt_at": next_attempt_at,
+                "lease_until": None,
+                "updated_at": now,
+            }
+            if state in _SUCCESS:
+                values["sent_at"] = now
+            if uncount:
+                values["attempts"] = table.c.attempts - 1
+            statements.append(update(table).where(table.c.id.in_(ids)).values(values))
+
+        def write(conn: Connection) -> None:
+            for statement in statements:
+                conn.execute(statement)
             if receipts:
-                await conn.execute(_SETTLE_RECEIPT, receipts)
+                conn.execute(_SETTLE_RECEIPT, receipts)
+
+        await self.store.write_connection(write)
 
     async def resume_sending(self, *, everything: bool) -> int:
         """Queue again deliveries left `sending` by a process that died.
@@ -268,18 +275,19 @@ class DeliveryQueue:
         conditions: list[Any] = [DeliveryRow.state == DeliveryState.SENDING.value]
         if not everything:
             conditions.append(DeliveryRow.lease_until < now)
-        async with self.store.transaction() as session:
-            result = await session.execute(
-                update(DeliveryRow)
-                .where(*conditions)
-                .values(
-                    state=DeliveryState.QUEUED.value,
-                    lease_until=None,
-                    next_attempt_at=None,
-                    updated_at=now,
-                )
+        statement = (
+            update(DeliveryRow)
+            .where(*conditions)
+            .values(
+                state=DeliveryState.QUEUED.value,
+                lease_until=None,
+                next_attempt_at=None,
+                updated_at=now,
             )
-        resumed: int = result.rowcount  # type: ignore[attr-defined]
+        )
+        resumed: int = await self.store.write_connection(
+            lambda conn: conn.execute(statement).rowcount
+        )
         return resumed
 
     async def pending_count(
@@ -302,23 +310,26 @@ class DeliveryQueue:
     async def acquire_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
         """Take or renew a named lease; True when `holder` has it now."""
         now = utcnow()
-        try:
-            async with self.store.transaction() as session:
-                row = await session.get(LeaseRow, name, with_for_update=True)
-                if row is None:
-                    session.add(
-                        LeaseRow(
-                            name=name,
-                            holder=holder,
-                            expires_at=now + timedelta(seconds=ttl_seconds),
-                        )
+
+        def take(session: Session) -> bool:
+            row = session.get(LeaseRow, name, with_for_update=True)
+            if row is None:
+                session.add(
+                    LeaseRow(
+                        name=name, holder=holder, expires_at=now + timedelta(seconds=ttl_seconds)
                     )
-                    return True
-                if row.holder != holder and row.expires_at > now and not holder_is_dead(row.holder):
-                    return False
-                row.holder = holder
-                row.expires_at = now + timedelta(seconds=ttl_seconds)
+                )
                 return True
+            if row.holder != holder and row.expires_at > now and not holder_is_dead(row.holder):
+                return False
+            row.holder = holder
+            row.expires_at = now + timedelta(seconds=ttl_seconds)
+            return True
+
+        try:
+            # Renewed every few seconds by `serve`: on the writer thread, like publishes,
+            # so it never makes them wait on a slower path.
+            return await self.store.write_session(take)
         except IntegrityError:
             return False
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from broadcaster.errors import BroadcasterError, NotFoundError
 from broadcaster.models import (
@@ -42,6 +45,7 @@ from broadcaster.store.engine import (
     WRITE_OPTION,
     backup_sqlite,
     create_engine,
+    create_thread_engine,
     ensure_schema,
     is_sqlite,
 )
@@ -54,6 +58,7 @@ from broadcaster.store.tables import (
     IncidentRow,
     RenderRow,
     UpdateRow,
+    UtcDateTime,
     utcnow,
 )
 
@@ -92,6 +97,26 @@ class PublishPlan:
     actor: str
     channels: dict[str, ChannelPlan] = field(default_factory=dict)
     alert_key: str | None = None
+    release_draft: int | None = None  # a held draft this update publishes (it must be held)
+
+
+class DraftChangedError(BroadcasterError):
+    """A held draft was decided (cancelled, published) by someone else meanwhile."""
+
+
+@dataclass(frozen=True)
+class OpenEpisode:
+    """The open incident an alert group's episode opened, as the alert intake needs it."""
+
+    incident_id: int
+    alert_key: str
+    last_update_at: datetime | None  # of the latest public (non-cancelled) update
+    held: Draft | None  # an update of it held by flapping damping
+
+    @property
+    def started_at(self) -> datetime:
+        """When the episode that opened the incident started firing."""
+        return datetime.fromisoformat(self.alert_key.rpartition("|")[2])
 
 
 def _update_model(row: UpdateRow) -> Update:
@@ -126,6 +151,10 @@ def _incident_model(row: IncidentRow, updates: Sequence[UpdateRow] = ()) -> Inci
         alert_key=row.alert_key,
         updates=[_update_model(u) for u in updates],
     )
+
+
+# Drafts still waiting for something: a human (pending) or their time (held).
+WAITING_DRAFT_STATES = (DraftState.PENDING.value, DraftState.HELD.value)
 
 
 def alert_group(alert_key: str | None) -> str | None:
@@ -164,6 +193,7 @@ def _draft_model(row: DraftRow) -> Draft:
         decided_by=row.decided_by,
         decided_at=row.decided_at,
         update_id=row.update_id,
+        not_before=row.not_before,
     )
 
 
@@ -187,6 +217,62 @@ def delivery_model(row: DeliveryRow) -> Delivery:
     )
 
 
+T = TypeVar("T")
+
+
+def _run_session(sessions: sessionmaker[Session], work: Callable[[Session], T]) -> T:
+    with sessions.begin() as session:
+        return work(session)
+
+
+def _run_connection(engine: Engine, work: Callable[[Connection], T]) -> T:
+    with engine.execution_options(**{WRITE_OPTION: True}).begin() as conn:
+        return work(conn)
+
+
+def _waiting_draft(session: Session, publish_key: str, alert_key: str | None) -> Draft | None:
+    query = select(DraftRow).where(DraftRow.state.in_(WAITING_DRAFT_STATES))
+    group = alert_group(alert_key)
+    if group is not None:  # indexed: a handful of rows instead of every waiting draft
+        query = query.where(DraftRow.alert_group == group)
+    for row in session.scalars(query).all():
+        if row.request.get("publish_key") == publish_key:
+            return _draft_model(row)
+    return None
+
+
+def _open_alert_episode(session: Session, group_key: str) -> OpenEpisode | None:
+    latest = (
+        select(func.max(UpdateRow.created_at))
+        .where(UpdateRow.incident_id == IncidentRow.id, UpdateRow.cancelled_at.is_(None))
+        .correlate(IncidentRow)
+        .scalar_subquery()
+    )
+    row = session.execute(
+        select(IncidentRow.id, IncidentRow.alert_key, latest)
+        .where(IncidentRow.alert_group == group_key, IncidentRow.resolved_at.is_(None))
+        .order_by(IncidentRow.id.desc())
+        .limit(1)
+    ).first()
+    if row is None or row[1] is None:
+        return None
+    held = session.scalar(
+        select(DraftRow)
+        .where(DraftRow.incident_id == row[0], DraftRow.state == DraftState.HELD.value)
+        .order_by(DraftRow.id)
+        .limit(1)
+    )
+    last = row[2]
+    if isinstance(last, str):  # SQLite hands max() of a subquery back as text
+        last = datetime.fromisoformat(last)
+    return OpenEpisode(
+        row[0],
+        row[1],
+        UtcDateTime().process_result_value(last, session.get_bind().dialect),
+        _draft_model(held) if held else None,
+    )
+
+
 class Store:
     """Async access to the store (SQLite by default, PostgreSQL for scale)."""
 
@@ -201,6 +287,17 @@ class Store:
         self._write_lock: AbstractAsyncContextManager[Any] = (
             asyncio.Lock() if is_sqlite(url) else contextlib.nullcontext()
         )
+        self._thread_engine = create_thread_engine(url)
+        self._thread_reads: sessionmaker[Session] | None = None
+        self._thread_writes: sessionmaker[Session] | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
+        if self._thread_engine is not None:
+            self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+            self._thread_reads = sessionmaker(self._thread_engine, expire_on_commit=False)
+            self._thread_writes = sessionmaker(
+                self._thread_engine.execution_options(**{WRITE_OPTION: True}),
+                expire_on_commit=False,
+            )
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -210,18 +307,85 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._writer_thread is not None:
+            self._writer_thread.shutdown(wait=True)
+        if self._thread_engine is not None:
+            self._thread_engine.dispose()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
-        """One writing Core transaction, for the dispatcher's hot path (no ORM session)."""
-        async with self._write_lock, self.writer.begin() as conn:
+        """One writing Core transaction on the async engine (no ORM session)."""
+        async with self._write_lock, self._writer_parked(), self.writer.begin() as conn:
             yield conn
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One writing transaction, committed on success, rolled back on error."""
-        async with self._write_lock, self._write_sessions.begin() as session:
-            yield session
+        async with self._write_lock, self._writer_parked(), self._write_sessions.begin() as s:
+            yield s
+
+    @asynccontextmanager
+    async def _writer_parked(self) -> AsyncIterator[None]:
+        """While an async transaction writes, the writer thread (if any) waits, so the
+        two never queue on SQLite's file lock (whose busy handler sleeps)."""
+        if self._writer_thread is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        parked: asyncio.Future[None] = loop.create_future()
+        release = threading.Event()
+
+        def mark_parked() -> None:
+            if not parked.done():  # cancelled meanwhile
+                parked.set_result(None)
+
+        def park() -> None:
+            loop.call_soon_threadsafe(mark_parked)
+            release.wait()
+
+        self._writer_thread.submit(park)
+        try:
+            await parked
+            yield
+        finally:
+            release.set()
+
+    async def write_session(self, work: Callable[[Session], T]) -> T:
+        """One writing transaction running `work` with a synchronous ORM session.
+
+        On a SQLite file it runs whole on the store's one writer thread, which orders
+        this process's writes. Through aiosqlite every statement is three or four hops
+        between its thread and the event loop, with this process's write lock held
+        across all of them: under webhook load the loop is busy, and those hops (not
+        SQLite) made writers queue hundreds of milliseconds for the lock. Elsewhere
+        (PostgreSQL) `work` runs on an async session."""
+        if self._thread_writes is None or self._writer_thread is None:
+            async with self.transaction() as session:
+                return await session.run_sync(work)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._writer_thread, _run_session, self._thread_writes, work
+        )
+
+    async def write_connection(self, work: Callable[[Connection], T]) -> T:
+        """One writing Core transaction running `work` with a synchronous connection
+        (on the writer thread for a SQLite file, as `write_session`): the dispatcher's
+        claims and settles."""
+        if self._thread_engine is None or self._writer_thread is None:
+            async with self.connection() as conn:
+                return await conn.run_sync(work)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._writer_thread, _run_connection, self._thread_engine, work
+        )
+
+    async def read_session(self, work: Callable[[Session], T]) -> T:
+        """One reading transaction running `work` with a synchronous ORM session (in a
+        worker thread on a SQLite file, as `write_session`)."""
+        if self._thread_reads is None:
+            async with self.sessions() as session:
+                return await session.run_sync(work)
+        return await asyncio.to_thread(_run_session, self._thread_reads, work)
 
     # -- publishing ---------------------------------------------------------------
 
@@ -241,8 +405,7 @@ class Store:
         skip rendering).
         """
         try:
-            async with self.transaction() as session:
-                return await self._publish(session, plan), True
+            return await self.write_session(lambda session: self._publish(session, plan)), True
         except IntegrityError:
             if plan.publish_key:
                 existing = await self.find_by_publish_key(plan.publish_key)
@@ -250,39 +413,57 @@ class Store:
                     return existing, False
             raise
 
-    async def _publish(self, session: AsyncSession, plan: PublishPlan) -> Update:
+    @staticmethod
+    def _publish(session: Session, plan: PublishPlan) -> Update:
         now = utcnow()
+        components = {k: v.value for k, v in plan.incident_components.items()}
         if plan.incident_id is None:
+            # A new incident: first update, nothing of it queued to supersede. (Five
+            # statements in all; an alert storm opens many.)
             incident = IncidentRow(
                 kind=plan.status.kind.value,
                 title=plan.title,
                 status=plan.status.value,
                 impact=plan.impact.value,
-                components={},
+                components=components,
                 created_at=now,
+                resolved_at=now if plan.status.is_final else None,
                 alert_key=plan.alert_key,
                 alert_group=alert_group(plan.alert_key),
             )
             session.add(incident)
-            await session.flush()
+            session.flush()
+            seq, superseded = 1, 0
         else:
-            found = await session.get(IncidentRow, plan.incident_id)
+            found = session.get(IncidentRow, plan.incident_id)
             if found is None:
                 raise NotFoundError(f"no incident #{plan.incident_id}")
             incident = found
-        incident.title = plan.title
-        incident.status = plan.status.value
-        incident.impact = plan.impact.value
-        incident.components = {k: v.value for k, v in plan.incident_components.items()}
-        incident.resolved_at = now if plan.status.is_final else None
-        seq = (
-            await session.scalar(
-                select(func.coalesce(func.max(UpdateRow.seq), 0)).where(
-                    UpdateRow.incident_id == incident.id
+            incident.title = plan.title
+            incident.status = plan.status.value
+            incident.impact = plan.impact.value
+            incident.components = components
+            incident.resolved_at = now if plan.status.is_final else None
+            seq = (
+                session.scalar(
+                    select(func.coalesce(func.max(UpdateRow.seq), 0)).where(
+                        UpdateRow.incident_id == incident.id
+                    )
                 )
+                or 0
+            ) + 1
+            # Nobody should receive "investigating" after "resolved": what has not gone
+            # out yet of this incident's older updates is superseded by this one.
+            result = session.execute(
+                update(DeliveryRow)
+                .where(
+                    DeliveryRow.incident_id == incident.id,
+                    DeliveryRow.channel.in_(list(plan.channels)),
+                    DeliveryRow.state == DeliveryState.QUEUED.value,
+                )
+                .values(state=DeliveryState.SUPERSEDED.value, updated_at=now)
             )
-            or 0
-        ) + 1
+            superseded = result.rowcount  # type: ignore[attr-defined]
         row = UpdateRow(
             incident_id=incident.id,
             seq=seq,
@@ -298,23 +479,11 @@ class Store:
             created_at=now,
         )
         session.add(row)
-        await session.flush()
-        # Nobody should receive "investigating" after "resolved": what has not gone out
-        # yet of this incident's older updates is superseded by this one.
-        superseded = await session.execute(
-            update(DeliveryRow)
-            .where(
-                DeliveryRow.incident_id == incident.id,
-                DeliveryRow.channel.in_(list(plan.channels)),
-                DeliveryRow.state == DeliveryState.QUEUED.value,
-            )
-            .values(state=DeliveryState.SUPERSEDED.value, updated_at=now)
-        )
+        session.flush()
         for name, channel_plan in plan.channels.items():
             session.add(
                 RenderRow(update_id=row.id, channel=name, render=channel_plan.render.model_dump())
             )
-        await session.flush()
         deliveries = [
             {
                 "update_id": row.id,
@@ -331,8 +500,7 @@ class Store:
             for name, channel_plan in plan.channels.items()
             for recipient, language in channel_plan.recipients
         ]
-        if deliveries:
-            await session.execute(insert(DELIVERIES), deliveries)
+        # Flushed with the renders, before the deliveries' INSERT.
         session.add(
             _audit_row(
                 now,
@@ -344,11 +512,29 @@ class Store:
                     "status": plan.status.value,
                     "channels": list(plan.channels),
                     "deliveries": len(deliveries),
-                    "superseded": superseded.rowcount,  # type: ignore[attr-defined]
+                    "superseded": superseded,
                     "publish_key": plan.publish_key,
                 },
             )
         )
+        session.flush()
+        if deliveries:
+            session.execute(insert(DELIVERIES), deliveries)
+        if plan.release_draft is not None:
+            # In the same transaction as the update: a held draft goes out at most once,
+            # and never after it was cancelled (a re-fire) by this or another process.
+            released = session.execute(
+                update(DraftRow)
+                .where(DraftRow.id == plan.release_draft, DraftRow.state == DraftState.HELD.value)
+                .values(
+                    state=DraftState.PUBLISHED.value,
+                    decided_by=plan.actor,
+                    decided_at=now,
+                    update_id=row.id,
+                )
+            )
+            if released.rowcount != 1:  # type: ignore[attr-defined]
+                raise DraftChangedError(f"draft #{plan.release_draft} is no longer held")
         return _update_model(row)
 
     # -- monitoring alerts and drafts ------------------------------------------------
@@ -369,6 +555,17 @@ class Store:
             ).first()
         return (row[0], row[1]) if row is not None and row[1] is not None else None
 
+    async def open_alert_episode(self, group_key: str) -> OpenEpisode | None:
+        """The group's open incident with its latest update time and held update, if any
+        (one read, no write lock)."""
+        return await self.read_session(lambda session: _open_alert_episode(session, group_key))
+
+    async def waiting_draft(self, publish_key: str, alert_key: str | None) -> Draft | None:
+        """A pending or held draft with this publish key (a read: no write lock)."""
+        return await self.read_session(
+            lambda session: _waiting_draft(session, publish_key, alert_key)
+        )
+
     async def create_draft(
         self,
         *,
@@ -377,19 +574,23 @@ class Store:
         alert_key: str | None,
         incident_id: int | None,
         request: UpdateRequest,
+        not_before: datetime | None = None,
     ) -> tuple[Draft, bool]:
-        """Hold an update for approval; a pending draft with the same publish key is
+        """Hold an update for approval — or, with `not_before`, until then (flapping
+        damping: state `held`). A pending or held draft with the same publish key is
         returned instead of a second one. Returns (draft, new)."""
-        async with self.transaction() as session:
-            if request.publish_key:
-                pending = (
-                    await session.scalars(
-                        select(DraftRow).where(DraftRow.state == DraftState.PENDING.value)
-                    )
-                ).all()
-                for row in pending:
-                    if row.request.get("publish_key") == request.publish_key:
-                        return _draft_model(row), False
+        publish_key = request.publish_key
+        if publish_key:
+            # Repeats are the common case: answer them with a read, not a write.
+            waiting = await self.waiting_draft(publish_key, alert_key)
+            if waiting is not None:
+                return waiting, False
+
+        def create(session: Session) -> tuple[Draft, bool]:
+            if publish_key:
+                waiting = _waiting_draft(session, publish_key, alert_key)
+                if waiting is not None:
+                    return waiting, False
             row = DraftRow(
                 created_at=utcnow(),
                 source=source,
@@ -398,21 +599,45 @@ class Store:
                 alert_group=alert_group(alert_key),
                 incident_id=incident_id,
                 request=request.model_dump(mode="json"),
-                state=DraftState.PENDING.value,
+                state=(DraftState.PENDING if not_before is None else DraftState.HELD).value,
+                not_before=not_before,
             )
             session.add(row)
-            await session.flush()
+            session.flush()
+            detail: dict[str, Any] = {
+                "draft": row.id,
+                "route": route,
+                "status": request.status.value,
+            }
+            if not_before is not None:
+                detail["not_before"] = not_before.isoformat()
+            action = "hold" if not_before is not None else "draft"
             session.add(
-                _audit_row(
-                    row.created_at,
-                    request.actor,
-                    "draft",
-                    incident_id,
-                    None,
-                    {"draft": row.id, "route": route, "status": request.status.value},
-                )
+                _audit_row(row.created_at, request.actor, action, incident_id, None, detail)
             )
             return _draft_model(row), True
+
+        return await self.write_session(create)
+
+    async def held_drafts(self) -> list[Draft]:
+        """Held updates, the soonest due first."""
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(DraftRow)
+                .where(DraftRow.state == DraftState.HELD.value)
+                .order_by(DraftRow.not_before, DraftRow.id)
+            )
+            return [_draft_model(r) for r in rows.all()]
+
+    async def hold_until(self, draft_id: int, not_before: datetime) -> bool:
+        """Move a held draft's time; False when it is no longer held."""
+        async with self.transaction() as session:
+            result = await session.execute(
+                update(DraftRow)
+                .where(DraftRow.id == draft_id, DraftRow.state == DraftState.HELD.value)
+                .values(not_before=not_before)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def drafts(self, *, state: DraftState | None = DraftState.PENDING) -> list[Draft]:
         query = select(DraftRow).order_by(DraftRow.id)
@@ -436,13 +661,18 @@ class Store:
         *,
         incident_id: int | None = None,
         update_id: int | None = None,
-    ) -> None:
-        """Record what became of a pending draft (and, once published, its incident)."""
+        expect: DraftState | None = None,
+    ) -> bool:
+        """Record what became of a waiting draft (and, once published, its incident).
+
+        With `expect`, only a draft in that state changes; returns whether it did."""
         now = utcnow()
         async with self.transaction() as session:
             row = await session.get(DraftRow, draft_id)
             if row is None:
                 raise NotFoundError(f"no draft #{draft_id}")
+            if expect is not None and row.state != expect.value:
+                return False
             row.state = state.value
             row.decided_by = actor
             row.decided_at = now
@@ -454,6 +684,7 @@ class Store:
                 "drafted_at": row.created_at.isoformat(),
             }
             session.add(_audit_row(now, actor, state.value, row.incident_id, update_id, detail))
+            return True
 
     async def obsolete_drafts(self, group_key: str, actor: str) -> int:
         """Pending drafts of an alert group whose episode ended before anyone approved."""
@@ -602,6 +833,44 @@ class Store:
                 )
                 for r in rows
             ]
+
+    async def alert_to_first_delivery(self, since: datetime) -> dict[int, float]:
+        """Seconds from a monitoring alert's arrival (its draft, or its update when
+        published at once) to the first delivery sent of the update it opened, per
+        incident opened by an alert since `since`; incidents not yet delivered are left
+        out."""
+        first = (
+            select(
+                UpdateRow.incident_id.label("incident_id"),
+                func.min(UpdateRow.id).label("update_id"),
+            )
+            .join(IncidentRow, IncidentRow.id == UpdateRow.incident_id)
+            .where(IncidentRow.alert_key.is_not(None), IncidentRow.created_at >= since)
+            .group_by(UpdateRow.incident_id)
+            .subquery()
+        )
+        sent = (
+            select(DeliveryRow.update_id, func.min(DeliveryRow.sent_at).label("sent_at"))
+            .where(DeliveryRow.update_id == first.c.update_id, DeliveryRow.sent_at.is_not(None))
+            .group_by(DeliveryRow.update_id)
+            .subquery()
+        )
+        query = (
+            select(
+                first.c.incident_id,
+                func.coalesce(DraftRow.created_at, UpdateRow.created_at),
+                sent.c.sent_at,
+            )
+            .join(UpdateRow, UpdateRow.id == first.c.update_id)
+            .join(sent, sent.c.update_id == first.c.update_id)
+            .outerjoin(DraftRow, DraftRow.update_id == first.c.update_id)
+        )
+        async with self.sessions() as session:
+            rows = (await session.execute(query)).all()
+        return {
+            incident_id: max(0.0, (sent_at - arrived).total_seconds())
+            for incident_id, arrived, sent_at in rows
+        }
 
     # -- the kill switch and retries ------------------------------------------------
 

@@ -147,6 +147,9 @@ class DraftRow(Base):
     decided_by: Mapped[str | None] = mapped_column(String(200))
     decided_at: Mapped[datetime | None]
     update_id: Mapped[int | None] = mapped_column(ForeignKey("updates.id"))
+    not_before: Mapped[datetime | None] = mapped_column(
+        doc="state 'held' (flapping damping): published by itself at this time"
+    )
 
 
 class AuditRow(Base):

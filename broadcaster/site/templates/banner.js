@@ -2,7 +2,9 @@
  * Include it on any page:
  *   <script src="https://status.example.com/banner.js" data-lang="fr" defer></script>
  * It reads status.<lang>.json next to this script and, while an incident is open,
- * shows a dismissible banner at the top of the page. No dependencies.
+ * shows a dismissible banner at the top of the page. The language is data-lang, else
+ * the page's <html lang>, else the browser's; the page's default when none is offered.
+ * No dependencies.
  */
 (function () {
   "use strict";
@@ -11,7 +13,12 @@
   if (!script || !script.src || !window.fetch) return;
 
   var base = new URL(".", script.src);
-  var lang = pickLanguage(script.getAttribute("data-lang") || document.documentElement.lang || "");
+  // The app's own language first (data-lang, then <html lang>), then the browser's.
+  var nav = window.navigator || {};
+  var lang = pickLanguage(
+    [script.getAttribute("data-lang"), document.documentElement.lang]
+      .concat(nav.languages || [nav.language])
+  );
   var source = new URL("status." + lang + ".json", base).href;
   // Per status page, so two banners from two pages do not share dismissals.
   var STORAGE_KEY = "incident-broadcaster:dismissed:" + base.href;
@@ -25,15 +32,19 @@
   };
   var region = null;
 
+  // The first wanted tag the page has, exactly or by its primary language.
   function pickLanguage(wanted) {
-    var tag = String(wanted).toLowerCase().replace("_", "-");
-    var primary = tag.split("-")[0];
-    var i;
-    for (i = 0; i < CONFIG.languages.length; i++) {
-      if (CONFIG.languages[i].toLowerCase() === tag) return CONFIG.languages[i];
-    }
-    for (i = 0; i < CONFIG.languages.length; i++) {
-      if (CONFIG.languages[i].toLowerCase() === primary) return CONFIG.languages[i];
+    for (var w = 0; w < wanted.length; w++) {
+      if (!wanted[w]) continue;
+      var tag = String(wanted[w]).toLowerCase().replace("_", "-");
+      var primary = tag.split("-")[0];
+      var i;
+      for (i = 0; i < CONFIG.languages.length; i++) {
+        if (CONFIG.languages[i].toLowerCase() === tag) return CONFIG.languages[i];
+      }
+      for (i = 0; i < CONFIG.languages.length; i++) {
+        if (CONFIG.languages[i].toLowerCase() === primary) return CONFIG.languages[i];
+      }
     }
     return CONFIG["default"];
   }
