@@ -302,6 +302,7 @@ class Broadcaster:
             raise CheckFailedError(preview.failures)
         plan.alert_key = alert_key
         plan.release_draft = release_draft
+        plan.claim_lease_seconds = self.backend.claim_lease()
         update, new = await self.store.publish(plan)
         if new:
             log.info(
@@ -319,7 +320,7 @@ class Broadcaster:
         if new:
             # The renders are in hand: the dispatcher need not read them back.
             renders = {name: channel.render for name, channel in plan.channels.items()}
-            self.backend.published(update.id, renders)
+            self.backend.published(update.id, renders, plan.claimed)
         if new and plan.incident_id is None:
             # Opened just now: everything about it is in the plan, no need to read it.
             incident = Incident(

@@ -1,9 +1,9 @@
 """In-app banner and status page: the public side, written as static files.
 
-Every delivery re-renders the whole public side from the store (status JSON per
-language, banner.js, the HTML status page, Atom feeds) and writes it to a folder, to an
-S3-compatible bucket, or both, so any static host or CDN can serve it while the company's
-own infrastructure is down.
+A delivery re-renders the whole public side from the store (status JSON per language,
+banner.js, the HTML status page, Atom feeds) — one render for all the deliveries in
+flight together — and writes it to a folder, to an S3-compatible bucket, or both, so
+any static host or CDN can serve it while the company's own infrastructure is down.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ class BannerChannel(Channel):
 
     family: ClassVar[ChannelFamily] = ChannelFamily.LONG
     capabilities: ClassVar[Capabilities] = Capabilities(languages="each")
-    default_concurrency: ClassVar[int] = 1  # each write renders everything: one at a time
+    # Every send joins one shared write of the whole site (see `_publish_site`): many
+    # deliveries in flight cost one render per round, not one each.
+    default_concurrency: ClassVar[int] = 64
     config_model: ClassVar[type[ChannelConfig]] = BannerConfig
 
     config: BannerConfig
@@ -90,6 +92,8 @@ class BannerChannel(Channel):
         super().__init__(name, config, context)
         bucket = self.config.bucket
         self.bucket = self.site_bucket(bucket, self.config.prefix) if bucket else None
+        self._writing = asyncio.Lock()
+        self._next_round: asyncio.Task[str | None] | None = None
 
     @property
     def output(self) -> Path | None:
@@ -144,18 +148,35 @@ class BannerChannel(Channel):
             raise TransientError(f"{self.name}: cannot write {folder}: {exc.strerror}") from exc
 
     async def send(self, message: Message) -> Receipt:
-        files = await self._render()
-        permalink = None
-        # The local copy first: it cannot be half-written, and the bucket may be slow.
-        if self.output is not None:
-            await self._write_folder(files, self.output)
-            permalink = (self.output / "index.html").as_uri()
-        if self.bucket is not None:
-            await self.bucket.upload(files)
-            permalink = permalink or f"{self.bucket.url}index.html"
+        permalink = await self._publish_site()
         return Receipt(
             provider_id=f"update-{message.update_id}", permalink=permalink, delivered=True
         )
+
+    async def _publish_site(self) -> str | None:
+        """Render and write the site once for every send waiting for it.
+
+        The site shows the whole store, not one update: a send that arrives while a
+        write runs joins the next round, which starts (and reads the store) after it
+        joined, so its update is in; an alert storm costs a render per round, not per
+        delivery. A failed round fails (and retries) every send that joined it."""
+        if self._next_round is None:
+            self._next_round = asyncio.create_task(self._write_round())
+        return await asyncio.shield(self._next_round)
+
+    async def _write_round(self) -> str | None:
+        async with self._writing:
+            self._next_round = None  # sends from now on wait for the round after this
+            files = await self._render()
+            permalink = None
+            # The local copy first: it cannot be half-written, and the bucket may be slow.
+            if self.output is not None:
+                await self._write_folder(files, self.output)
+                permalink = (self.output / "index.html").as_uri()
+            if self.bucket is not None:
+                await self.bucket.upload(files)
+                permalink = permalink or f"{self.bucket.url}index.html"
+            return permalink
 
     async def export(self, target: str) -> int:
         """Write the public side now to a folder or an s3://bucket/prefix URL (reached with

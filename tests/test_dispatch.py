@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from broadcaster.core import Broadcaster, PublishResult
 from broadcaster.dispatch.backend import DISPATCHER_LEASE
+from broadcaster.errors import TransientError
 from broadcaster.models import (
     Capabilities,
     ChannelFamily,
@@ -432,3 +433,34 @@ async def test_per_target_rate_limit_holds_across_incidents(
     assert len(times) == 4
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert min(gaps) >= 0.25 * 0.8
+
+
+async def test_a_burst_of_updates_renders_the_status_page_once_per_round(
+    tmp_path: Path, make_broadcaster: MakeBroadcaster
+) -> None:
+    """Each banner delivery needs the whole site rendered from the store: deliveries in
+    flight together share one render; a failed round is retried for all who joined it."""
+    b = await make_broadcaster(
+        {"status-page": {"type": "banner", "output": "public", "backoff_seconds": 0.05}}
+    )
+    channel = b.channels["status-page"]
+    render = channel.context.render_public_site
+    assert render is not None
+    rounds = 0
+
+    async def counting(name: str, languages: list[str]) -> dict[str, bytes]:
+        nonlocal rounds
+        rounds += 1
+        await asyncio.sleep(0.05)  # a site with history takes a while to render
+        if rounds == 1:
+            raise TransientError("status-page: the disk is full")
+        return await render(name, languages)
+
+    channel.context.render_public_site = counting
+    for i in range(20):
+        await b.publish(opening(title=f"Outage {i}"))
+    progress = await asyncio.wait_for(b.wait(), timeout=30)
+    assert states(progress, "status-page") == {DeliveryState.DELIVERED: 20}
+    assert rounds < 20 / 2  # not one render per delivery, failed round and retries included
+    page = (tmp_path / "public" / "index.html").read_text()
+    assert all(f"Outage {i}" in page for i in range(20))

@@ -248,7 +248,10 @@ async def test_sigkill_after_answering_loses_neither_the_delivery_nor_the_held_u
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    config = write_config(tmp_path, thread_receiver, port)
+    # The resolution is due after the restarted serve has sent the opening again (and
+    # after the killed one's hung request is answered): sooner, the resolution would
+    # supersede the opening still queued, and rightly so, but that is another test.
+    config = write_config(tmp_path, thread_receiver, port, interval=4.0)
     # The partner hangs: the opening is in flight (`sending`) when serve is killed.
     thread_receiver.default(Behaviour(delay=3))
     server = start_serve(config)

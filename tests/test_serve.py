@@ -23,7 +23,13 @@ import uvicorn
 
 from broadcaster.core import Broadcaster
 from broadcaster.errors import ConfigError
-from broadcaster.models import ChannelProgress, ComponentState, IncidentStatus, UpdateRequest
+from broadcaster.models import (
+    ChannelProgress,
+    ComponentState,
+    DeliveryState,
+    IncidentStatus,
+    UpdateRequest,
+)
 from broadcaster.sandbox import Behaviour, WebhookReceiver
 from broadcaster.server import create_app, server_config
 from broadcaster.server.languages import negotiate_language
@@ -158,6 +164,31 @@ async def test_root_page_follows_accept_language_and_explicit_urls_never_do(
         for path, location in (("/fr", "fr/"), ("/en/", "../index.html"), ("/en", "index.html")):
             moved = await fetch(f"{base}{path}", "fr")
             assert (moved.status, moved.headers["Location"]) == (302, location), path
+
+
+async def test_new_incidents_handed_to_serve_go_out_and_the_unsent_return_on_stop(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    """A publish in the serving process hands a new incident's deliveries straight to
+    its dispatcher; one still waiting for a slot when serve stops is queued again, not
+    left `sending`, and the next dispatcher sends it."""
+    receiver.default(Behaviour(delay=0.5))
+    hooks = webhook_channel(receiver, ["a"], concurrency=1)
+    b = await make_broadcaster({"status-page": BANNER, "hooks": hooks})
+    async with serving(b):
+        await asyncio.sleep(0.3)  # the server takes the dispatcher lease
+        first = await b.publish(OPENING)
+        second = await b.publish(OPENING.model_copy(update={"title": "Logins fail"}))
+        await asyncio.sleep(0.2)  # the first is at the partner; the second waits its turn
+    # Stopped: the first finished, the second never started and is back in the queue.
+    sent = await b.deliveries(first.incident.id, channel="hooks")
+    assert [d.state for d in sent] == [DeliveryState.DELIVERED]
+    waiting = await b.deliveries(second.incident.id, channel="hooks")
+    assert [(d.state, d.attempts) for d in waiting] == [(DeliveryState.QUEUED, 0)]
+    receiver.default(Behaviour())
+    progress = await asyncio.wait_for(b.wait([second.update.id]), timeout=10)
+    hooks_progress = next(p for p in progress if p.channel == "hooks")
+    assert hooks_progress.counts == {DeliveryState.DELIVERED: 1}
 
 
 async def test_serve_dispatches_and_a_cli_on_the_same_store_only_watches(

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from broadcaster.config import DispatchSettings
 from broadcaster.dispatch.dispatcher import Dispatcher
 from broadcaster.models import ChannelRender
-from broadcaster.store import DeliveryQueue, Store
+from broadcaster.store import Claimed, DeliveryQueue, Store
 from broadcaster.store.queue import new_holder_id
 from channels.base import Channel
 
@@ -30,12 +30,21 @@ Tick = Callable[[bool], Awaitable[None]]
 class DispatchBackend(ABC):
     """Drives stored deliveries to a final state."""
 
+    def claim_lease(self) -> float | None:
+        """How long a publish may lease a new incident's deliveries to this process's
+        dispatcher (stored `sending`, handed over by `published`); None: not now."""
+        return None
+
     @abstractmethod
     def published(
-        self, update_id: int | None = None, renders: Mapping[str, ChannelRender] | None = None
+        self,
+        update_id: int | None = None,
+        renders: Mapping[str, ChannelRender] | None = None,
+        claimed: list[Claimed] | None = None,
     ) -> None:
         """Deliveries were just stored by this process: look at them now. With the
-        update's renders per channel, they need not be read back from the store."""
+        update's renders per channel, they need not be read back from the store;
+        `claimed` are deliveries stored already claimed (see `claim_lease`)."""
 
     @abstractmethod
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
@@ -66,13 +75,29 @@ class EmbeddedBackend(DispatchBackend):
         # One drive at a time per process: its dispatcher owns the channels' sessions.
         self._driving = asyncio.Lock()
 
+    def claim_lease(self) -> float | None:
+        running = self._dispatcher is not None and self._dispatcher.accepting
+        return self.settings.sending_lease_seconds if running else None
+
     def published(
-        self, update_id: int | None = None, renders: Mapping[str, ChannelRender] | None = None
+        self,
+        update_id: int | None = None,
+        renders: Mapping[str, ChannelRender] | None = None,
+        claimed: list[Claimed] | None = None,
     ) -> None:
-        if self._dispatcher is not None:
-            if update_id is not None and renders:
-                self._dispatcher.remember_renders(update_id, renders)
-            self._dispatcher.wake()
+        dispatcher = self._dispatcher
+        if dispatcher is not None and update_id is not None and renders:
+            dispatcher.remember_renders(update_id, renders)
+        if claimed and (dispatcher is None or not dispatcher.accepting):
+            # It stopped while the publish was being stored: the next dispatcher of
+            # this store resumes every `sending` delivery as it starts.
+            log.info(
+                "%d deliveries claimed as dispatch stopped; resumed at its next start", len(claimed)
+            )
+        elif claimed and dispatcher is not None:
+            dispatcher.take(claimed)
+        elif dispatcher is not None:
+            dispatcher.wake()
 
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
         # This process may already be driving (a `serve` running, or an earlier waiter

@@ -9,9 +9,8 @@ committed, so a killed process can re-send at most `concurrency` deliveries per 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,6 +36,11 @@ class _ChannelState:
     unsettled: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     broken: str | None = None
+    # Claimed by a publish in this process, waiting for a free slot (see `take`).
+    handed: deque[Claimed] = field(default_factory=deque)
+    # The queue may hold due deliveries: claim before sleeping. Handing deliveries over
+    # does not set it, so a publish that hands its deliveries costs no claim.
+    look: bool = True
 
 
 def retry_policy(channel: Channel) -> RetryPolicy:
@@ -101,6 +105,7 @@ class Dispatcher:
         self._outcomes: asyncio.Queue[tuple[str, Outcome, str | None]] = asyncio.Queue()
         self._renders: OrderedDict[tuple[int, str], ChannelRender] = OrderedDict()
         self._sends: set[asyncio.Task[None]] = set()
+        self._running = False
         self._stopping = False
 
     def remember_renders(self, update_id: int, renders: Mapping[str, ChannelRender]) -> None:
@@ -114,9 +119,23 @@ class Dispatcher:
         while len(self._renders) > RENDERS_KEPT:
             self._renders.popitem(last=False)
 
+    @property
+    def accepting(self) -> bool:
+        """Running and not stopping: deliveries handed over now will be sent."""
+        return self._running and not self._stopping
+
+    def take(self, claimed: list[Claimed]) -> None:
+        """Deliveries a publish in this process stored already claimed for us: sent as
+        slots free up, before anything claimed from the queue."""
+        for item in claimed:
+            state = self._states[item.channel]
+            state.handed.append(item)
+            state.wake.set()
+
     def wake(self) -> None:
         """Look at the queue now (a publish or retry happened in this process)."""
         for state in self._states.values():
+            state.look = True
             state.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -133,24 +152,42 @@ class Dispatcher:
                 asyncio.create_task(self._channel_loop(channel), name=f"channel:{name}")
                 for name, channel in self.channels.items()
             ]
+            self._running = True
             await stop.wait()
         finally:
             self._stopping = True
             self.wake()
             await asyncio.gather(*loops, return_exceptions=True)
+            self._release_handed()
             if self._sends:
                 await asyncio.wait(self._sends, timeout=SEND_TIMEOUT_SECONDS)
-            await self._outcomes.join()
+            if writer is not None:  # without it, outcomes wait for a future dispatcher
+                await self._outcomes.join()
             if writer is not None:
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
             for channel in started:
                 await channel.close()
 
+    def _release_handed(self) -> None:
+        """Handed deliveries never started go back to the queue (this try uncounted)."""
+        for name, state in self._states.items():
+            while state.handed:
+                item = state.handed.popleft()
+                state.unsettled += 1  # settled by the writer like any outcome
+                release = Outcome(item.id, DeliveryState.QUEUED, uncount_attempt=True)
+                self._outcomes.put_nowait((name, release, None))
+
     async def _channel_loop(self, channel: Channel) -> None:
         state = self._states[channel.name]
         while not self._stopping:
             state.wake.clear()
+            free = channel.concurrency - state.unsettled
+            if state.handed and free > 0:
+                batch = [state.handed.popleft() for _ in range(min(free, len(state.handed)))]
+                state.unsettled += len(batch)
+                await self._start_sends(channel, batch)
+                continue
             if state.broken is not None:
                 if await self.queue.is_broken(channel.name):
                     await self._sleep(state, BROKEN_RECHECK_SECONDS)
@@ -167,6 +204,10 @@ class Dispatcher:
                 # write transaction) stay large instead of one per settled batch.
                 await self._sleep(state, self.settings.poll_seconds)
                 continue
+            if not state.look:  # woken for handed deliveries or a settle only
+                await self._sleep(state, self.settings.poll_seconds)
+                continue
+            state.look = False
             try:
                 claimed = await self.queue.claim(
                     channel.name, free, self.settings.sending_lease_seconds
@@ -177,6 +218,7 @@ class Dispatcher:
                     channel.name,
                     extra={"channel": channel.name},
                 )
+                state.look = True
                 await self._sleep(state, BROKEN_RECHECK_SECONDS)
                 continue
             if claimed:
@@ -184,10 +226,15 @@ class Dispatcher:
                 await self._start_sends(channel, claimed)
             if len(claimed) < free:  # nothing more is due now
                 await self._sleep(state, self.settings.poll_seconds)
+            else:
+                state.look = True  # a full claim: more may be due
 
     async def _sleep(self, state: _ChannelState, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
+        """Until woken, or `seconds`; then the queue is looked at again in any case."""
+        try:
             await asyncio.wait_for(state.wake.wait(), timeout=seconds)
+        except TimeoutError:
+            state.look = True
 
     async def _start_sends(self, channel: Channel, claimed: list[Claimed]) -> None:
         renders: dict[int, ChannelRender] = {}

@@ -1,7 +1,7 @@
 """The store: SQLAlchemy 2 on SQLite (WAL) by default, PostgreSQL for scale."""
 
-from broadcaster.store.queue import Claimed, DeliveryQueue, Outcome
-from broadcaster.store.store import ChannelPlan, PublishPlan, Store, delivery_key
+from broadcaster.store.queue import DeliveryQueue, Outcome
+from broadcaster.store.store import ChannelPlan, Claimed, PublishPlan, Store, delivery_key
 
 __all__ = [
     "ChannelPlan",

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from broadcaster.models import PENDING_STATES, DeliveryState, PostRef, Thread
 from broadcaster.store.engine import is_sqlite
-from broadcaster.store.store import Store
+from broadcaster.store.store import Claimed, Store
 from broadcaster.store.tables import (
     DELIVERIES,
     ChannelHealthRow,
@@ -28,27 +28,6 @@ from broadcaster.store.tables import (
 )
 
 _PENDING = [s.value for s in PENDING_STATES]
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A delivery this process is now sending (state `sending`, leased)."""
-
-    id: int
-    update_id: int
-    incident_id: int
-    channel: str
-    recipient: str
-    language: str | None
-    delivery_key: str
-    attempts: int
-    created_at: datetime
-    deadline_at: datetime | None  # None: created_at + the channel's deadline
-
-    @property
-    def thread(self) -> tuple[int, str]:
-        """Deliveries of one incident to one recipient of a channel form a thread."""
-        return (self.incident_id, self.recipient)
 
 
 @dataclass(frozen=True)

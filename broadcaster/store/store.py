@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,7 +50,12 @@ from broadcaster.store.engine import (
     is_sqlite,
 )
 from broadcaster.store.tables import (
+    AUDIT,
     DELIVERIES,
+    DRAFTS,
+    INCIDENTS,
+    RENDERS,
+    UPDATES,
     AuditRow,
     ChannelHealthRow,
     DeliveryRow,
@@ -80,6 +85,27 @@ class ChannelPlan:
     recipients: list[tuple[str, str | None]]  # (recipient id, language)
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """A delivery this process is now sending (state `sending`, leased)."""
+
+    id: int
+    update_id: int
+    incident_id: int
+    channel: str
+    recipient: str
+    language: str | None
+    delivery_key: str
+    attempts: int
+    created_at: datetime
+    deadline_at: datetime | None  # None: created_at + the channel's deadline
+
+    @property
+    def thread(self) -> tuple[int, str]:
+        """Deliveries of one incident to one recipient of a channel form a thread."""
+        return (self.incident_id, self.recipient)
+
+
 @dataclass
 class PublishPlan:
     """A checked update, ready to be stored with its deliveries in one transaction."""
@@ -98,6 +124,11 @@ class PublishPlan:
     channels: dict[str, ChannelPlan] = field(default_factory=dict)
     alert_key: str | None = None
     release_draft: int | None = None  # a held draft this update publishes (it must be held)
+    # Set by a process whose dispatcher is running: a *new* incident's deliveries (no
+    # earlier post to wait for) are stored already claimed by it (`sending`, leased this
+    # long) and listed in `claimed`, so they go out without a claim transaction.
+    claim_lease_seconds: float | None = None
+    claimed: list[Claimed] = field(default_factory=list)
 
 
 class DraftChangedError(BroadcasterError):
@@ -242,18 +273,23 @@ def _waiting_draft(session: Session, publish_key: str, alert_key: str | None) ->
 
 
 def _open_alert_episode(session: Session, group_key: str) -> OpenEpisode | None:
+    # Core, on the tables: looked up for every new alert group.
     latest = (
-        select(func.max(UpdateRow.created_at))
-        .where(UpdateRow.incident_id == IncidentRow.id, UpdateRow.cancelled_at.is_(None))
-        .correlate(IncidentRow)
+        select(func.max(UPDATES.c.created_at))
+        .where(UPDATES.c.incident_id == INCIDENTS.c.id, UPDATES.c.cancelled_at.is_(None))
+        .correlate(INCIDENTS)
         .scalar_subquery()
     )
-    row = session.execute(
-        select(IncidentRow.id, IncidentRow.alert_key, latest)
-        .where(IncidentRow.alert_group == group_key, IncidentRow.resolved_at.is_(None))
-        .order_by(IncidentRow.id.desc())
-        .limit(1)
-    ).first()
+    row = (
+        session.connection()
+        .execute(
+            select(INCIDENTS.c.id, INCIDENTS.c.alert_key, latest)
+            .where(INCIDENTS.c.alert_group == group_key, INCIDENTS.c.resolved_at.is_(None))
+            .order_by(INCIDENTS.c.id.desc())
+            .limit(1)
+        )
+        .first()
+    )
     if row is None or row[1] is None:
         return None
     held = session.scalar(
@@ -415,100 +451,128 @@ class Store:
 
     @staticmethod
     def _publish(session: Session, plan: PublishPlan) -> Update:
+        # Core statements only: the ORM's unit of work cost more than the SQL (a new
+        # incident is five statements; an alert storm opens many).
+        conn = session.connection()
         now = utcnow()
-        components = {k: v.value for k, v in plan.incident_components.items()}
+        incident_values = {
+            "title": plan.title,
+            "status": plan.status.value,
+            "impact": plan.impact.value,
+            "components": {k: v.value for k, v in plan.incident_components.items()},
+            "resolved_at": now if plan.status.is_final else None,
+        }
         if plan.incident_id is None:
-            # A new incident: first update, nothing of it queued to supersede. (Five
-            # statements in all; an alert storm opens many.)
-            incident = IncidentRow(
-                kind=plan.status.kind.value,
-                title=plan.title,
-                status=plan.status.value,
-                impact=plan.impact.value,
-                components=components,
-                created_at=now,
-                resolved_at=now if plan.status.is_final else None,
-                alert_key=plan.alert_key,
-                alert_group=alert_group(plan.alert_key),
-            )
-            session.add(incident)
-            session.flush()
+            # A new incident: first update, nothing of it queued to supersede.
+            incident_id = conn.execute(
+                insert(INCIDENTS)
+                .values(
+                    kind=plan.status.kind.value,
+                    created_at=now,
+                    alert_key=plan.alert_key,
+                    alert_group=alert_group(plan.alert_key),
+                    **incident_values,
+                )
+                .returning(INCIDENTS.c.id)
+            ).scalar_one()
             seq, superseded = 1, 0
         else:
-            found = session.get(IncidentRow, plan.incident_id)
-            if found is None:
-                raise NotFoundError(f"no incident #{plan.incident_id}")
-            incident = found
-            incident.title = plan.title
-            incident.status = plan.status.value
-            incident.impact = plan.impact.value
-            incident.components = components
-            incident.resolved_at = now if plan.status.is_final else None
+            incident_id = plan.incident_id
+            changed = conn.execute(
+                update(INCIDENTS).where(INCIDENTS.c.id == incident_id).values(incident_values)
+            )
+            if changed.rowcount != 1:
+                raise NotFoundError(f"no incident #{incident_id}")
             seq = (
-                session.scalar(
-                    select(func.coalesce(func.max(UpdateRow.seq), 0)).where(
-                        UpdateRow.incident_id == incident.id
+                conn.scalar(
+                    select(func.coalesce(func.max(UPDATES.c.seq), 0)).where(
+                        UPDATES.c.incident_id == incident_id
                     )
                 )
                 or 0
             ) + 1
             # Nobody should receive "investigating" after "resolved": what has not gone
             # out yet of this incident's older updates is superseded by this one.
-            result = session.execute(
-                update(DeliveryRow)
+            result = conn.execute(
+                update(DELIVERIES)
                 .where(
-                    DeliveryRow.incident_id == incident.id,
-                    DeliveryRow.channel.in_(list(plan.channels)),
-                    DeliveryRow.state == DeliveryState.QUEUED.value,
+                    DELIVERIES.c.incident_id == incident_id,
+                    DELIVERIES.c.channel.in_(list(plan.channels)),
+                    DELIVERIES.c.state == DeliveryState.QUEUED.value,
                 )
                 .values(state=DeliveryState.SUPERSEDED.value, updated_at=now)
             )
-            superseded = result.rowcount  # type: ignore[attr-defined]
-        row = UpdateRow(
-            incident_id=incident.id,
+            superseded = result.rowcount
+        stored = Update(
+            id=0,
+            incident_id=incident_id,
             seq=seq,
-            status=plan.status.value,
-            impact=plan.impact.value,
+            status=plan.status,
+            impact=plan.impact,
             template=plan.template,
             fields=plan.fields,
-            components={k: v.value for k, v in plan.components.items()},
+            components=plan.components,
             next_update_at=plan.next_update_at,
             publish_key=plan.publish_key,
             channels=list(plan.channels),
             actor=plan.actor,
             created_at=now,
         )
-        session.add(row)
-        session.flush()
-        for name, channel_plan in plan.channels.items():
-            session.add(
-                RenderRow(update_id=row.id, channel=name, render=channel_plan.render.model_dump())
+        update_id = conn.execute(
+            insert(UPDATES)
+            .values(
+                incident_id=incident_id,
+                seq=seq,
+                status=plan.status.value,
+                impact=plan.impact.value,
+                template=plan.template,
+                fields=plan.fields,
+                components={k: v.value for k, v in plan.components.items()},
+                next_update_at=plan.next_update_at,
+                publish_key=plan.publish_key,
+                channels=list(plan.channels),
+                actor=plan.actor,
+                created_at=now,
             )
+            .returning(UPDATES.c.id)
+        ).scalar_one()
+        stored.id = update_id
+        if plan.channels:
+            conn.execute(
+                insert(RENDERS),
+                [
+                    {"update_id": update_id, "channel": name, "render": cp.render.model_dump()}
+                    for name, cp in plan.channels.items()
+                ],
+            )
+        claim = plan.claim_lease_seconds is not None and plan.incident_id is None
         deliveries = [
             {
-                "update_id": row.id,
-                "incident_id": incident.id,
+                "update_id": update_id,
+                "incident_id": incident_id,
                 "seq": seq,
                 "channel": name,
                 "recipient": recipient,
                 "language": language,
-                "delivery_key": delivery_key(row.id, name, recipient),
-                "state": DeliveryState.QUEUED.value,
-                "attempts": 0,
+                "delivery_key": delivery_key(update_id, name, recipient),
+                "state": (DeliveryState.SENDING if claim else DeliveryState.QUEUED).value,
+                "attempts": 1 if claim else 0,
+                "lease_until": now + timedelta(seconds=plan.claim_lease_seconds or 0)
+                if claim
+                else None,
                 "created_at": now,
             }
             for name, channel_plan in plan.channels.items()
             for recipient, language in channel_plan.recipients
         ]
-        # Flushed with the renders, before the deliveries' INSERT.
-        session.add(
-            _audit_row(
-                now,
-                plan.actor,
-                "publish",
-                incident.id,
-                row.id,
-                {
+        conn.execute(
+            insert(AUDIT).values(
+                at=now,
+                actor=plan.actor,
+                action="publish",
+                incident_id=incident_id,
+                update_id=update_id,
+                detail={
                     "status": plan.status.value,
                     "channels": list(plan.channels),
                     "deliveries": len(deliveries),
@@ -517,25 +581,32 @@ class Store:
                 },
             )
         )
-        session.flush()
-        if deliveries:
-            session.execute(insert(DELIVERIES), deliveries)
+        if deliveries and claim:
+            returning = insert(DELIVERIES).returning(
+                *(DELIVERIES.c[f.name] for f in fields(Claimed)), sort_by_parameter_order=True
+            )
+            plan.claimed = [Claimed(*r) for r in conn.execute(returning, deliveries)]
+        elif deliveries:
+            conn.execute(insert(DELIVERIES), deliveries)
         if plan.release_draft is not None:
             # In the same transaction as the update: a held draft goes out at most once,
             # and never after it was cancelled (a re-fire) by this or another process.
-            released = session.execute(
-                update(DraftRow)
-                .where(DraftRow.id == plan.release_draft, DraftRow.state == DraftState.HELD.value)
+            released = conn.execute(
+                update(DRAFTS)
+                .where(
+                    DRAFTS.c.id == plan.release_draft,
+                    DRAFTS.c.state == DraftState.HELD.value,
+                )
                 .values(
                     state=DraftState.PUBLISHED.value,
                     decided_by=plan.actor,
                     decided_at=now,
-                    update_id=row.id,
+                    update_id=update_id,
                 )
             )
-            if released.rowcount != 1:  # type: ignore[attr-defined]
+            if released.rowcount != 1:
                 raise DraftChangedError(f"draft #{plan.release_draft} is no longer held")
-        return _update_model(row)
+        return stored
 
     # -- monitoring alerts and drafts ------------------------------------------------
 
