@@ -66,6 +66,27 @@ def plan(
     )
 
 
+async def test_a_new_incident_can_be_stored_already_claimed_and_a_follow_up_cannot(
+    store: Store,
+) -> None:
+    opening = plan(recipients=4)
+    opening.claim_lease_seconds = 60
+    first, _ = await store.publish(opening)
+    assert [c.recipient for c in opening.claimed] == ["r0", "r1", "r2", "r3"]
+    assert {(c.update_id, c.attempts) for c in opening.claimed} == {(first.id, 1)}
+    stored = await store.deliveries(update_id=first.id)
+    assert {d.state for d in stored} == {DeliveryState.SENDING}
+    # Nothing else may take them: they are leased to the publishing process.
+    assert await DeliveryQueue(store).claim("hooks", 10, 60) == []
+
+    follow_up = plan(incident_id=first.incident_id, status=IncidentStatus.IDENTIFIED)
+    follow_up.claim_lease_seconds = 60  # a follow-up waits for its thread: never pre-claimed
+    second, _ = await store.publish(follow_up)
+    assert follow_up.claimed == []
+    later = await store.deliveries(update_id=second.id)
+    assert {d.state for d in later} == {DeliveryState.QUEUED}
+
+
 async def test_publish_stores_update_renders_and_deliveries(store: Store) -> None:
     update_, new = await store.publish(plan(recipients=5))
     assert new and update_.seq == 1
