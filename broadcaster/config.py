@@ -109,16 +109,16 @@ class RateLimit(BaseModel):
 
 class PerIpRateLimits(BaseModel):
     """Requests per client address (the real one: see `serve.trusted_proxies`), answered
-    429 with Retry-After past the limit. Health probes, /metrics and the admin API
-    (/v1/) are never limited."""
+    429 with Retry-After past the limit. Health probes and /metrics are never limited."""
 
     model_config = ConfigDict(extra="forbid")
 
     inbound: RateLimit = Field(
         default_factory=lambda: RateLimit(rate=1.0, burst=30),
         description="refused /hooks/* requests (wrong or missing credential, malformed "
-        "body): past it, every request from that address gets 429 — a sender with valid "
-        "credentials spends nothing, so a big outage's burst of alerts is never held up",
+        "body) and refused /v1/ tokens: past it, every request from that address gets "
+        "429 — a sender with valid credentials spends nothing, so a big outage's burst of "
+        "alerts and the comms team are never held up",
     )
     site: RateLimit = Field(
         default_factory=lambda: RateLimit(rate=50.0, burst=200),

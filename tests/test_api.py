@@ -220,3 +220,23 @@ async def test_templates_channels_and_the_openapi_schema(api: Any) -> None:
     assert status == 200
     assert {"/v1/incidents", "/v1/drafts/{draft_id}/approve", "/v1/doctor"} <= set(schema["paths"])
     assert not any(path.startswith("/{path") for path in schema["paths"])
+
+
+async def test_token_guessing_is_stopped_but_ordinary_mistakes_are_not(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster(
+        {"status-page": BANNER},
+        serve={
+            "api_tokens": API_TOKENS,
+            "rate_limit_per_ip": {"inbound": {"rate": "6/min", "burst": 2}},
+        },
+    )
+    async with serving(b) as base, aiohttp.ClientSession() as session:
+        reader = Client(session, base, TOKENS["READ_TOKEN"])
+        for _ in range(4):  # a person's mistakes (no such incident) spend nothing
+            assert (await reader.call("GET", "/v1/incidents/999"))[0] == 404
+        guesser = Client(session, base, "guess")
+        assert [(await guesser.call("GET", "/v1/incidents"))[0] for _ in range(2)] == [403, 403]
+        status, body = await reader.call("GET", "/v1/incidents")  # same address, right token
+        assert status == 429 and "retry in 10 s" in body["detail"]

@@ -1,9 +1,11 @@
 """Per-client-address request limits of `broadcaster serve`: one token bucket per address.
 
 The public side spends a token per request. `/hooks/*` spends one per *refused* request
-(wrong or missing credential, malformed body): a token guesser or a scanner is stopped,
-while a monitoring system with valid credentials is never held up — Alertmanager does
-not retry a 429, and a big outage makes it send hundreds of notifications at once.
+(wrong or missing credential, malformed body), and the admin API `/v1/` one per refused
+credential: a token guesser or a scanner is stopped, while a monitoring system or a
+person with valid credentials is never held up — Alertmanager does not retry a 429, a
+big outage makes it send hundreds of notifications at once, and the comms team must
+publish mid-outage.
 
 The address is `scope["client"]`, which the proxy-headers middleware (outside this one)
 has already set to the real client when the request came through a trusted proxy.
@@ -22,12 +24,13 @@ from broadcaster.config import PerIpRateLimits, RateLimit
 
 # Load balancers' probes and Prometheus come from a few known addresses, often a lot.
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-# The admin API: a few people with long tokens, publishing mid-outage — never held up.
-UNLIMITED_PREFIXES = ("/v1/",)
-# What outsiders post to; subscribe forms belong here too.
-INBOUND_PREFIXES = ("/hooks/",)
-# The answers that spend an inbound token: the request was refused before anything ran.
-REFUSED = frozenset({400, 401, 403, 404, 405, 413, 422})
+# Limited by refusals only, per prefix: the answers that spend a token. A webhook is
+# refused before anything runs; on the admin API a 404 or a failed check is a person's
+# ordinary mistake, a wrong token is not. Subscribe forms belong here too.
+INBOUND_REFUSALS = {
+    "/hooks/": frozenset({400, 401, 403, 404, 405, 413, 422}),
+    "/v1/": frozenset({401, 403}),
+}
 
 
 class TokenBuckets:
@@ -109,24 +112,25 @@ class PerIpRateLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if (
-            scope["type"] != "http"
-            or path in UNLIMITED_PATHS
-            or path.startswith(UNLIMITED_PREFIXES)
-        ):
+        if scope["type"] != "http" or path in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
         address = client[0] if client else ""
-        if path.startswith(INBOUND_PREFIXES):
+        refusals = next(
+            (codes for prefix, codes in INBOUND_REFUSALS.items() if path.startswith(prefix)),
+            None,
+        )
+        if refusals is not None:
             kind, buckets = "inbound", self.inbound
             wait = 0.0 if buckets is None else buckets.wait(address)
         else:
             kind, buckets = "site", self.site
             wait = 0.0 if buckets is None else buckets.take(address)
         if not wait:
-            if kind == "inbound" and buckets is not None:
-                await self.app(scope, receive, _spending_on_refusal(send, buckets, address))
+            if refusals is not None and buckets is not None:
+                counted = _spending_on_refusal(send, buckets, address, refusals)
+                await self.app(scope, receive, counted)
             else:
                 await self.app(scope, receive, send)
             return
@@ -150,11 +154,13 @@ class PerIpRateLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _spending_on_refusal(send: Send, buckets: TokenBuckets, address: str) -> Send:
-    """`send`, taking a token from `address` when the answer is a refusal."""
+def _spending_on_refusal(
+    send: Send, buckets: TokenBuckets, address: str, refusals: frozenset[int]
+) -> Send:
+    """`send`, taking a token from `address` when the answer is one of `refusals`."""
 
     async def counting(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] in REFUSED:
+        if message["type"] == "http.response.start" and message["status"] in refusals:
             buckets.take(address)
         await send(message)
 
