@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from broadcaster.config import Route
-from broadcaster.errors import CheckFailedError
+from broadcaster.errors import CheckFailedError, NotFoundError
 from broadcaster.models import Draft, DraftState, IncidentStatus, UpdateRequest
 from broadcaster.store.store import DraftChangedError, OpenEpisode, alert_group
 
@@ -265,9 +265,10 @@ class AlertIntake:
             # The intake has just looked at the group: no publish-key lookup before
             # rendering (the store's unique key still refuses a second publish).
             result = await self.broadcaster.publish(request, target, alert_key=key, lookup=False)
-        except CheckFailedError as exc:
-            # A route whose template cannot be filled must not lose the alert: a human
-            # gets it as a draft, with the reason in the log.
+        except (CheckFailedError, NotFoundError) as exc:
+            # A route whose template cannot be filled (or names a template that does not
+            # exist) must not lose the alert: a human gets it as a draft, with the reason
+            # in the log.
             log.error("route %s: cannot publish automatically, drafting: %s", route.name, exc)
             return None
         return IntakeResult(

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -339,6 +340,25 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file is passed as init values; the environment must win over it.
         return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _routes_name_what_exists(self) -> Settings:
+        """A route naming an unknown component or channel would fail on every alert it
+        matches, mid-outage: refuse it when the config loads instead."""
+        for index, route in enumerate(self.routes):
+            unknown = [c for c in route.components if self.components and c not in self.components]
+            if unknown:
+                raise ValueError(
+                    f"routes[{index}] ({route.name}): unknown component '{unknown[0]}' — "
+                    f"configured: {', '.join(self.components)}"
+                )
+            missing = [c for c in route.channels or [] if c not in self.channels]
+            if missing:
+                raise ValueError(
+                    f"routes[{index}] ({route.name}): unknown channel '{missing[0]}' — "
+                    f"configured: {', '.join(self.channels) or 'none'}"
+                )
+        return self
 
     def resolve_path(self, path: Path) -> Path:
         """Paths in the file are relative to the file's folder."""

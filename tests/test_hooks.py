@@ -11,8 +11,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 
+from broadcaster.config import load_settings
 from broadcaster.core import Broadcaster
+from broadcaster.errors import ConfigError
 from broadcaster.models import DeliveryState, DraftState, IncidentStatus, UpdateRequest
 from broadcaster.sandbox import WebhookReceiver
 from tests.conftest import MakeBroadcaster, webhook_channel
@@ -307,3 +310,43 @@ async def test_repeats_answered_from_memory_agree_with_the_store(
     _, body = await post(base, checkout(refired()))  # a new episode opens a new incident
     assert body["results"][0]["action"] == "published"
     assert body["results"][0]["incident_id"] != first["incident_id"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"components": {"nope": "major_outage"}}, "unknown component 'nope'"),
+        ({"channels": ["nope"]}, "unknown channel 'nope'"),
+    ],
+)
+def test_a_route_naming_what_does_not_exist_is_refused_when_the_config_loads(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    config = tmp_path / "broadcaster.toml"
+    config.write_text(
+        tomli_w.dumps(
+            {
+                "components": {"payments": "Payments"},
+                "channels": {"status-page": {"type": "banner"}},
+                "routes": [route(**change)],
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match=rf"routes\[0\] \(payments\): {message}"):
+        load_settings(config)
+
+
+async def test_a_publish_route_with_a_missing_template_drafts_instead_of_losing_the_alert(
+    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AM_TOKEN", TOKEN)
+    b = await make_broadcaster(
+        {"status-page": {"type": "banner", "output": "public"}},
+        components={"payments": "Payments"},
+        hooks={"alertmanager_token": {"env": "AM_TOKEN"}},
+        routes=[route(action="publish", template="no-such-template")],
+    )
+    async with serving(b) as base:
+        status, body = await post(base, FIRING)
+    assert status == 200 and body["results"][0]["action"] == "drafted"
+    assert await b.incidents() == [] and len(await b.drafts()) == 1
