@@ -172,7 +172,7 @@ async def test_new_incidents_handed_to_serve_go_out_and_the_unsent_return_on_sto
     """A publish in the serving process hands a new incident's deliveries straight to
     its dispatcher; one still waiting for a slot when serve stops is queued again, not
     left `sending`, and the next dispatcher sends it."""
-    receiver.default(Behaviour(delay=0.5))
+    receiver.default(Behaviour(delay=2))  # the first is at the partner until after the stop
     hooks = webhook_channel(receiver, ["a"], concurrency=1)
     b = await make_broadcaster({"status-page": BANNER, "hooks": hooks})
     async with serving(b):

@@ -1,5 +1,20 @@
 """Provider simulators on 127.0.0.1 for `broadcaster demo`, drills and tests."""
 
+from broadcaster.sandbox.bluesky import FakePds, PdsRecord, XrpcFailure
+from broadcaster.sandbox.slack import SlackFailure, SlackWebApi
+from broadcaster.sandbox.telegram import BotApiFault, FakeChat, FakeTelegram
 from broadcaster.sandbox.webhook_receiver import Behaviour, Received, WebhookReceiver
 
-__all__ = ["Behaviour", "Received", "WebhookReceiver"]
+__all__ = [
+    "Behaviour",
+    "BotApiFault",
+    "FakeChat",
+    "FakePds",
+    "FakeTelegram",
+    "PdsRecord",
+    "Received",
+    "SlackFailure",
+    "SlackWebApi",
+    "WebhookReceiver",
+    "XrpcFailure",
+]

@@ -15,18 +15,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from standardwebhooks import Webhook
 
+from broadcaster.sandbox.server import SimulatorServer
+
 __all__ = ["Behaviour", "Received", "WebhookReceiver"]
 
 HOOK_PREFIX = "/hook/"
 CONTROL_PREFIX = "/_sim/"
-STOP_GRACE_SECONDS = 0.5
 
 
 @dataclass
@@ -85,21 +85,20 @@ class _Step:
         self.remaining = behaviour.times
 
 
-class WebhookReceiver:
+class WebhookReceiver(SimulatorServer):
     """A scriptable webhook endpoint: `async with WebhookReceiver() as hooks: ...`.
 
     Every path except `/_sim/*` is a target; `target("status")` is `{url}/hook/status`.
     Requests answered 2xx are in `received`; every request is in `attempts`.
     """
 
+    what: ClassVar[str] = "the webhook receiver"
+
     def __init__(
         self, *, secret: str | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
+        super().__init__(host=host, port=port)
         self._webhook = Webhook(secret) if secret else None
-        self._host = host
-        self._port = port
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
         # The server may run on another thread (start_in_thread): every shared
         # structure below is touched under this lock.
         self._lock = threading.Lock()
@@ -107,8 +106,6 @@ class WebhookReceiver:
         self._attempts: list[Received] = []
         self._scripts: dict[str, deque[_Step]] = {}
         self._default = Behaviour()
-        self._thread: threading.Thread | None = None
-        self._thread_loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -123,111 +120,6 @@ class WebhookReceiver:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 
-    async def start(self) -> None:
-        """Listen on host:port (port 0: an ephemeral port, see `url`)."""
-        if self._runner is not None:
-            raise RuntimeError("the webhook receiver is already running")
-        # No access log: the receiver must keep up with thousands of requests a second.
-        # A short shutdown: stopping must not wait for a request scripted to be slow.
-        runner = web.AppRunner(
-            self._app(),
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=STOP_GRACE_SECONDS,
-        )
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self._host, self._port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        host, port = runner.addresses[0][:2]
-        self._runner = runner
-        self._url = f"http://{host}:{port}"
-
-    async def stop(self) -> None:
-        """Close the listening socket and any open connection."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def start_in_thread(self) -> None:
-        """Run the server on its own event loop in a background thread.
-
-        For tests where the code under test runs in another process, or in
-        synchronous code; returns once the server listens (or raises why not).
-        """
-        if self._thread is not None:
-            raise RuntimeError("the webhook receiver already runs in a thread")
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.start())
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                loop.close()
-                return
-            started.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        thread = threading.Thread(target=run, name="webhook-receiver", daemon=True)
-        thread.start()
-        started.wait()
-        if failure:
-            thread.join()
-            raise failure[0]
-        self._thread, self._thread_loop = thread, loop
-
-    def stop_thread(self, timeout: float = 10.0) -> None:
-        """Stop a server started with `start_in_thread` and wait for its thread."""
-        thread, loop = self._thread, self._thread_loop
-        if thread is None or loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-        self._thread = self._thread_loop = None
-
-    def __enter__(self) -> Self:
-        self.start_in_thread()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop_thread()
-
-    # --- addresses -----------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        """The base URL, e.g. http://127.0.0.1:43123 (once started)."""
-        if self._url is None:
-            raise RuntimeError("the webhook receiver is not started: call start() first")
-        return self._url
 
     def target(self, name: str) -> str:
         """The URL of one named target: `{url}/hook/{name}`."""

@@ -1,0 +1,360 @@
+"""Telegram: each update posted by a bot to channels, groups or private chats.
+
+On python-telegram-bot (`telegram.Bot`, async), imported inside methods. Text goes in
+HTML parse mode, escaped; a follow-up replies to the incident's first message in that
+chat. Every SDK failure is classified here into the contract's three error classes.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from pydantic import AnyHttpUrl, Field, field_validator
+
+from broadcaster.models import (
+    Capabilities,
+    ChannelFamily,
+    ChannelLimits,
+    RateLimit,
+    Receipt,
+    Thread,
+)
+from channels.base import (
+    Channel,
+    ChannelBrokenError,
+    ChannelConfig,
+    ChannelContext,
+    DeliveryError,
+    Message,
+    PermanentError,
+    Recipient,
+    SecretRef,
+    TransientError,
+)
+
+if TYPE_CHECKING:
+    from telegram import Bot
+    from telegram import Message as TelegramMessage
+    from telegram.request import HTTPXRequest
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_API = "https://api.telegram.org"
+# A chat-family template marks its heading line as *bold* (Slack's mrkdwn); in HTML mode
+# the asterisks would show, so the line becomes <b>…</b>.
+_BOLD_LINE = re.compile(r"\*([^*\n]+)\*")
+_CHAT = re.compile(r"@[A-Za-z][A-Za-z0-9_]{3,}|-?[0-9]+")
+
+
+class TelegramConfig(ChannelConfig):
+    token: SecretRef = Field(description="the bot token from @BotFather, from env or file")
+    chats: list[str] = Field(
+        min_length=1, description="chat ids (-100… for channels) or @channelusernames"
+    )
+    base_url: AnyHttpUrl | None = Field(
+        default=None,
+        description="a self-hosted Bot API server's root (default https://api.telegram.org)",
+    )
+
+    @field_validator("chats", mode="before")
+    @classmethod
+    def _ids_as_text(cls, value: Any) -> Any:
+        # TOML gives numeric chat ids as integers.
+        if isinstance(value, list):
+            return [str(item) if isinstance(item, int) else item for item in value]
+        return value
+
+    @field_validator("chats")
+    @classmethod
+    def _valid_chats(cls, value: list[str]) -> list[str]:
+        for chat in value:
+            if not _CHAT.fullmatch(chat):
+                raise ValueError(
+                    f"'{chat}' is not a chat id (-1001234567890) or a @channelusername"
+                )
+        return value
+
+
+def telegram_html(text: str) -> str:
+    """The rendered plain text as Bot API HTML: `< > &` escaped, *heading lines* bold."""
+    lines = []
+    for line in text.split("\n"):
+        bold = _BOLD_LINE.fullmatch(line)
+        # Telegram's HTML knows only &lt; &gt; &amp; &quot;: quotes stay as they are.
+        escaped = html.escape(bold[1] if bold else line, quote=False)
+        lines.append(f"<b>{escaped}</b>" if bold else escaped)
+    return "\n".join(lines)
+
+
+def is_private_chat(chat: str) -> bool:
+    """User ids are positive; groups and channels are negative or @usernames."""
+    return chat.isdigit()
+
+
+def retry_after_of(error: Any) -> float:
+    """RetryAfter's delay in seconds, whether PTB gives it as int or timedelta."""
+    from telegram.warnings import PTBDeprecationWarning
+
+    with warnings.catch_warnings():
+        # PTB 22 warns that the int form will become a timedelta; we accept both.
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        value = error.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class TelegramChannel(Channel):
+    """Post through a Telegram bot to each configured chat, one delivery per chat."""
+
+    family: ClassVar[ChannelFamily] = ChannelFamily.CHAT
+    limits: ClassVar[ChannelLimits] = ChannelLimits(
+        max_chars=4096  # sendMessage: "1-4096 characters after entities parsing"
+    )
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        threads=True, edits=True, deletes=True, per_recipient=True
+    )
+    # Bot FAQ: no more than one message per second in a chat, about 30 per second in all
+    # (a group's 20 per minute is far above an incident's pace; RetryAfter covers it).
+    default_rate_limit: ClassVar[RateLimit] = RateLimit(
+        per_target_per_second=1, global_per_second=30
+    )
+    default_concurrency: ClassVar[int] = 8
+    config_model: ClassVar[type[ChannelConfig]] = TelegramConfig
+    request_timeout_seconds: ClassVar[float] = 10.0
+
+    config: TelegramConfig
+
+    def __init__(self, name: str, config: ChannelConfig, context: ChannelContext) -> None:
+        super().__init__(name, config, context)
+        self._bot: Bot | None = None
+        self._request: HTTPXRequest | None = None
+        self._token: str | None = None
+        # A group upgraded to a supergroup has a new id: configured id -> where it went.
+        self._migrated: dict[str, str] = {}
+
+    def recipients(self) -> list[Recipient]:
+        return [Recipient(id=chat) for chat in self.config.chats]
+
+    def secrets(self) -> Mapping[str, SecretRef]:
+        return {"token": self.config.token}
+
+    def account_key(self) -> str:
+        # Channels sharing one bot share its global limit; the bot id is not secret.
+        token = self.secret(self.config.token)
+        if token is None:
+            return self.name
+        return "telegram:" + token.get_secret_value().split(":", 1)[0]
+
+    def _api_root(self) -> str:
+        return str(self.config.base_url or DEFAULT_API).rstrip("/")
+
+    def _new_bot(self, token: str) -> tuple[Bot, HTTPXRequest]:
+        from telegram import Bot
+        from telegram.request import HTTPXRequest
+
+        # HTTPXRequest never retries (httpx's transport makes no retries by default):
+        # the core owns retries, so a send is tried once per attempt and never doubled.
+        timeout = self.request_timeout_seconds
+        request = HTTPXRequest(
+            connection_pool_size=self.concurrency,
+            read_timeout=timeout,
+            write_timeout=timeout,
+            connect_timeout=timeout,
+            pool_timeout=timeout,
+        )
+        root = self._api_root()
+        bot = Bot(
+            token,
+            base_url=f"{root}/bot",
+            base_file_url=f"{root}/file/bot",
+            request=request,
+            get_updates_request=request,  # one HTTP client for everything
+        )
+        return bot, request
+
+    async def start(self) -> None:
+        """Open the bot's HTTP client; no network call (a bad token shows on first send)."""
+        if self._bot is not None:
+            return
+        secret = self.secret(self.config.token)
+        if secret is None:
+            return  # send() reports it as channel-broken
+        self._token = secret.get_secret_value()
+        self._bot, self._request = self._new_bot(self._token)
+        # Not Bot.initialize(): its getMe would run before every other channel starts,
+        # and its InvalidToken message quotes the token.
+        await self._request.initialize()
+
+    async def close(self) -> None:
+        if self._request is not None:
+            await self._request.shutdown()
+        self._bot = self._request = None
+
+    def _bot_or_broken(self) -> Bot:
+        if self._bot is None:
+            raise ChannelBrokenError(
+                f"{self.name}: bot token not found in {self.config.token.describe()}"
+            )
+        return self._bot
+
+    def _chat_for(self, recipient: str, thread: Thread | None) -> str:
+        """Where a recipient's messages go now: after a migration, the new chat id."""
+        if recipient in self._migrated:
+            return self._migrated[recipient]
+        if thread is not None and thread.parent.data.get("chat_id"):
+            # Recorded by an earlier post, maybe by another process after a migration.
+            return thread.parent.data["chat_id"]
+        return recipient
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._token, "<token>") if self._token else text
+
+    def classify(self, error: Exception, what: str, chat: str) -> DeliveryError:
+        """Translate a python-telegram-bot error into the contract's classes."""
+        from telegram.error import (
+            BadRequest,
+            ChatMigrated,
+            Forbidden,
+            InvalidToken,
+            NetworkError,
+            RetryAfter,
+            TelegramError,
+            TimedOut,
+        )
+
+        detail = self._scrub(str(error))
+        if isinstance(error, RetryAfter):
+            return TransientError(f"{what}: flood control", retry_after=retry_after_of(error))
+        if isinstance(error, InvalidToken):
+            return ChannelBrokenError(
+                f"{what}: the bot token was refused ({detail}) — check it with @BotFather"
+            )
+        if isinstance(error, Forbidden):
+            if is_private_chat(chat):  # the user blocked the bot: that recipient only
+                return PermanentError(f"{what}: {detail}")
+            return ChannelBrokenError(
+                f"{what}: {detail} — add the bot to {chat} again "
+                "(as an administrator allowed to post, for a channel)"
+            )
+        if isinstance(error, ChatMigrated):  # a second migration in a row: try again later
+            return TransientError(f"{what}: chat moved to {error.new_chat_id}")
+        # BadRequest subclasses NetworkError: caught before it, and never retried.
+        if isinstance(error, BadRequest):
+            return PermanentError(f"{what}: {detail}")
+        if isinstance(error, TimedOut):
+            return TransientError(f"{what}: timed out")
+        if isinstance(error, NetworkError | TelegramError):
+            return TransientError(f"{what}: {type(error).__name__}: {detail}")
+        return TransientError(f"{what}: {type(error).__name__}")
+
+    async def _call(
+        self, recipient: str, chat: str, call: Callable[[str], Awaitable[T]]
+    ) -> tuple[str, T]:
+        """Run one Bot API call for a recipient, following a chat migration once."""
+        from telegram.error import ChatMigrated, TelegramError
+
+        what = f"{self.name} → {recipient}"
+        try:
+            try:
+                return chat, await call(chat)
+            except ChatMigrated as moved:
+                # "group chat was upgraded to a supergroup chat": same people, new id.
+                chat = str(moved.new_chat_id)
+                self._migrated[recipient] = chat
+                log.warning("%s: chat %s moved to %s", self.name, recipient, chat)
+                return chat, await call(chat)
+        except TelegramError as error:
+            raise self.classify(error, what, chat) from error
+
+    def _text(self, message: Message) -> str:
+        render = message.render
+        return telegram_html(render.text(None if render.joined else message.recipient.language))
+
+    def _receipt(self, chat: str, sent: TelegramMessage) -> Receipt:
+        username = sent.chat.username
+        return Receipt(
+            provider_id=str(sent.message_id),
+            permalink=f"https://t.me/{username}/{sent.message_id}" if username else None,
+            data={"chat_id": str(sent.chat.id or chat)},
+            delivered=True,  # the Bot API answers once the message is in the chat
+        )
+
+    async def send(self, message: Message) -> Receipt:
+        from telegram import ReplyParameters
+        from telegram.constants import ParseMode
+
+        bot = self._bot_or_broken()
+        recipient = message.recipient.id
+        text = self._text(message)
+        reply = None
+        if message.thread is not None:
+            # Every follow-up answers the first post, so the chat shows one thread; still
+            # sent if that post was deleted (or left behind by a migration).
+            reply = ReplyParameters(
+                message_id=int(message.thread.root.provider_id),
+                allow_sending_without_reply=True,
+            )
+
+        async def post(chat: str) -> TelegramMessage:
+            return await bot.send_message(
+                chat_id=chat, text=text, parse_mode=ParseMode.HTML, reply_parameters=reply
+            )
+
+        chat, sent = await self._call(recipient, self._chat_for(recipient, message.thread), post)
+        return self._receipt(chat, sent)
+
+    async def edit(self, provider_id: str, message: Message) -> Receipt:
+        """Replace a posted message's text (editMessageText)."""
+        from telegram import Message as TelegramMessage
+        from telegram.constants import ParseMode
+
+        bot = self._bot_or_broken()
+        recipient = message.recipient.id
+        text = self._text(message)
+
+        async def edit(chat: str) -> TelegramMessage | bool:
+            return await bot.edit_message_text(
+                text, chat_id=chat, message_id=int(provider_id), parse_mode=ParseMode.HTML
+            )
+
+        chat, edited = await self._call(recipient, self._chat_for(recipient, message.thread), edit)
+        if isinstance(edited, TelegramMessage):
+            return self._receipt(chat, edited)
+        return Receipt(provider_id=provider_id, data={"chat_id": chat}, delivered=True)
+
+    async def delete(self, provider_id: str, recipient: Recipient) -> None:
+        """Delete a posted message (deleteMessage), for a retraction."""
+        bot = self._bot_or_broken()
+
+        async def delete(chat: str) -> bool:
+            return await bot.delete_message(chat_id=chat, message_id=int(provider_id))
+
+        await self._call(recipient.id, self._chat_for(recipient.id, None), delete)
+
+    async def check_config(self) -> list[str]:
+        """The token is there and the Bot API accepts it (getMe)."""
+        problems = await super().check_config()
+        secret = self.secret(self.config.token)
+        if secret is None:
+            return problems
+        from telegram.error import TelegramError
+
+        token = secret.get_secret_value()
+        previous, self._token = self._token, token
+        bot, request = self._new_bot(token)
+        try:
+            await request.initialize()
+            await bot.get_me()
+        except TelegramError as error:
+            problem = self.classify(error, f"{self.name}: getMe at {self._api_root()}", "")
+            problems.append(str(problem))
+        finally:
+            await request.shutdown()
+            self._token = previous or token
+        return problems
