@@ -1,9 +1,11 @@
 """`broadcaster demo`: a whole incident rehearsed on local simulators, in a few seconds.
 
-It writes a real broadcaster.toml into a folder, starts a webhook receiver simulator on
-127.0.0.1 (some of whose targets answer 429, 503, drop the connection or refuse for
-good), and publishes investigating -> identified -> resolved through the status-page
-and webhook channels, with live progress.
+It writes a real broadcaster.toml into a folder, starts provider simulators on
+127.0.0.1 — a webhook receiver (some of whose targets answer 429, 503, drop the
+connection or refuse for good), Slack's Web API, Telegram's Bot API and a Bluesky PDS,
+each driven by the provider's real SDK — and publishes investigating -> identified ->
+resolved through every channel, with live progress: follow-ups thread under the first
+post on Slack, Telegram and Bluesky.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import base64
 import os
 import secrets
 import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,18 +26,44 @@ from rich.rule import Rule
 from broadcaster.config import load_settings
 from broadcaster.core import Broadcaster
 from broadcaster.models import ComponentState, IncidentStatus, UpdateRequest
-from broadcaster.sandbox import Behaviour, WebhookReceiver
+from broadcaster.sandbox import (
+    Behaviour,
+    FakeChat,
+    FakePds,
+    FakeTelegram,
+    SlackWebApi,
+    WebhookReceiver,
+)
+from broadcaster.sandbox.slack import DEFAULT_TOKEN as SLACK_TOKEN
 from broadcaster.views import failures_table, preview_view, progress_table, watch_deliveries
 
 PARTNERS = 24
+SLACK_CHANNEL = "C0VOLTSTATUS"
+TELEGRAM_CHAT = FakeChat(id=-1001234567890, title="VoltCharge status", username="voltcharge")
+TELEGRAM_TOKEN = "123456:demo-token"
+BLUESKY_HANDLE = "status.voltcharge.example"
+BLUESKY_PASSWORD = "demo-demo-demo-demo"
 
 
-def _write_config(folder: Path, receiver: WebhookReceiver) -> Path:
+@dataclass
+class Simulators:
+    """The providers the demo publishes to, all on 127.0.0.1."""
+
+    receiver: WebhookReceiver
+    slack: SlackWebApi
+    telegram: FakeTelegram
+    bluesky: FakePds
+
+
+def _write_config(folder: Path, sims: Simulators) -> Path:
+    receiver = sims.receiver
+    fast_retries = {"backoff_seconds": 0.3, "backoff_max_seconds": 2.0, "deadline_seconds": 20}
     config = {
         "store": "sqlite:///broadcaster.db",
         "page_title": "VoltCharge status",
         "timezone": "Europe/Paris",
-        "default_channels": ["status-page", "partners"],
+        "status_page_url": "https://status.voltcharge.example/",
+        "default_channels": ["status-page", "partners", "slack", "telegram", "bluesky"],
         "components": {"app": "Mobile app", "api": "Charging API", "website": "Website"},
         "channels": {
             "status-page": {"type": "banner", "languages": ["en", "fr"], "output": "public"},
@@ -45,9 +75,29 @@ def _write_config(folder: Path, receiver: WebhookReceiver) -> Path:
                     for i in range(1, PARTNERS + 1)
                 ],
                 "secret": {"file": "webhook-secret"},
-                "backoff_seconds": 0.3,
-                "backoff_max_seconds": 2.0,
-                "deadline_seconds": 20,
+                **fast_retries,
+            },
+            "slack": {
+                "type": "slack",
+                "token": {"file": "secrets/slack-token"},
+                "channels": [SLACK_CHANNEL],
+                "base_url": sims.slack.api_url,
+                **fast_retries,
+            },
+            "telegram": {
+                "type": "telegram",
+                "token": {"file": "secrets/telegram-token"},
+                "chats": [TELEGRAM_CHAT.id],
+                "languages": ["en", "fr"],
+                "base_url": sims.telegram.url,
+                **fast_retries,
+            },
+            "bluesky": {
+                "type": "bluesky",
+                "handle": BLUESKY_HANDLE,
+                "app_password": {"file": "secrets/bluesky-app-password"},
+                "base_url": sims.bluesky.url,
+                **fast_retries,
             },
         },
     }
@@ -63,10 +113,17 @@ def _fresh_folder(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("broadcaster.db", "broadcaster.db-wal", "broadcaster.db-shm"):
         (folder / name).unlink(missing_ok=True)
+    (folder / "secrets").mkdir(exist_ok=True)
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    secret_file = folder / "webhook-secret"
-    secret_file.write_text(secret)
-    os.chmod(secret_file, 0o600)
+    for name, value in (
+        ("webhook-secret", secret),
+        ("secrets/slack-token", SLACK_TOKEN),
+        ("secrets/telegram-token", TELEGRAM_TOKEN),
+        ("secrets/bluesky-app-password", BLUESKY_PASSWORD),
+    ):
+        path = folder / name
+        path.write_text(value)
+        os.chmod(path, 0o600)
     return secret
 
 
@@ -74,18 +131,31 @@ async def run_demo(folder: Path, console: Console) -> None:
     """Rehearse investigating -> identified -> resolved, end to end, on simulators."""
     started = time.monotonic()
     secret = _fresh_folder(folder)
-    async with WebhookReceiver(secret=secret) as receiver:
+    async with AsyncExitStack() as running:
+        sims = Simulators(
+            receiver=await running.enter_async_context(WebhookReceiver(secret=secret)),
+            slack=await running.enter_async_context(SlackWebApi(channels=(SLACK_CHANNEL,))),
+            telegram=await running.enter_async_context(
+                FakeTelegram(token=TELEGRAM_TOKEN, chats=[TELEGRAM_CHAT])
+            ),
+            bluesky=await running.enter_async_context(
+                FakePds(handle=BLUESKY_HANDLE, password=BLUESKY_PASSWORD)
+            ),
+        )
+        receiver = sims.receiver
         # A realistic bad day at the receivers' end: the core retries what can be.
         receiver.script("partner-03", Behaviour(status=429, retry_after=1.0, times=1))
         receiver.script("partner-07", Behaviour(status=503, times=2))
         receiver.script("partner-11", Behaviour(drop=True, times=1))
         receiver.script("partner-13", Behaviour(status=410))
-        config = _write_config(folder, receiver)
+        config = _write_config(folder, sims)
         settings = load_settings(config)
         console.print(f"[bold]incident-broadcaster demo[/] — config {config}")
         console.print(
             f"simulated receivers at {receiver.url}: partner-03 answers 429 once, partner-07 "
-            "503 twice, partner-11 drops the connection once, partner-13 is gone (410)\n"
+            "503 twice, partner-11 drops the connection once, partner-13 is gone (410); "
+            f"Slack at {sims.slack.url}, Telegram at {sims.telegram.url}, Bluesky at "
+            f"{sims.bluesky.url}\n"
         )
         async with await Broadcaster.open(settings=settings) as broadcaster:
             now = datetime.now(UTC)
@@ -164,6 +234,7 @@ async def run_demo(folder: Path, console: Console) -> None:
             f"the simulator received {len(receiver.received)} webhooks "
             f"({signed} with a valid signature) after {len(receiver.attempts)} attempts"
         )
+        console.print(_threads(sims))
     site = folder / "public" / "index.html"
     console.print(
         f"status page: [bold]{site}[/] (and {site.parent}/fr/index.html, banner.js, "
@@ -172,4 +243,19 @@ async def run_demo(folder: Path, console: Console) -> None:
     console.print(
         f"done in {time.monotonic() - started:.1f}s — explore with "
         f"`broadcaster --config {config} show {incident_id}`"
+    )
+
+
+def _threads(sims: Simulators) -> str:
+    """What the social and chat simulators hold: a first post and its replies each."""
+    slack = sims.slack.messages
+    telegram = sims.telegram.posts.get(TELEGRAM_CHAT.id, {}).values()
+    bluesky = sims.bluesky.posts
+    return (
+        f"Slack #{SLACK_CHANNEL}: {len(slack)} messages, "
+        f"{sum(1 for m in slack if m.thread_ts)} in the first one's thread; "
+        f"Telegram {TELEGRAM_CHAT.title}: {len(telegram)} messages, "
+        f"{sum(1 for m in telegram if m.reply_to)} replies to the first; "
+        f"Bluesky @{BLUESKY_HANDLE}: {len(bluesky)} posts, "
+        f"{sum(1 for p in bluesky if 'reply' in p.value)} replies"
     )
