@@ -51,6 +51,7 @@ __all__ = [
     "SecretRef",
     "TransientError",
     "classify_http_status",
+    "retry_after_seconds",
 ]
 
 

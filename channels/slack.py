@@ -36,8 +36,8 @@ from channels.base import (
     SecretRef,
     TransientError,
     classify_http_status,
+    retry_after_seconds,
 )
-from channels.base import retry_after_seconds as _retry_after_seconds
 
 if TYPE_CHECKING:
     import aiohttp
@@ -222,7 +222,7 @@ def classify_slack_error(exc: BaseException, what: str) -> DeliveryError:
         retry_after = _header(getattr(response, "headers", None), "Retry-After")
         if error == "ratelimited" or status == 429:
             return TransientError(
-                f"{what}: rate limited by Slack", retry_after=_retry_after_seconds(retry_after)
+                f"{what}: rate limited by Slack", retry_after=retry_after_seconds(retry_after)
             )
         if error in BROKEN_ERRORS:
             return ChannelBrokenError(f"{what}: Slack refused the token ({error})")
