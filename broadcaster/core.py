@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -225,7 +226,7 @@ class Broadcaster:
         if not failures:
             for channel in self._channels_for(request):
                 render, problems = self._render(template, channel, context)
-                render.facts = facts
+                render.facts = {**facts, "labels": self._fact_labels(channel.languages, facts)}
                 renders.append(render)
                 failures.extend(problems)
                 plans[channel.name] = ChannelPlan(
@@ -247,6 +248,26 @@ class Broadcaster:
             channels=plans,
         )
         return plan, Preview(request=request, renders=renders, failures=failures)
+
+    def _fact_labels(self, languages: list[str], facts: dict[str, Any]) -> dict[str, Any]:
+        """The facts as a channel shows them in each of its languages (your `_labels`
+        overrides included): headings, status, impact, components by display name."""
+        library, names = self.library, self.settings.components
+        return {
+            language: {
+                "headings": {
+                    key: library.label(key, language, "heading")
+                    for key in ("status", "impact", "components", "next_update")
+                },
+                "status": library.label(facts["status"], language, "status"),
+                "impact": library.label(facts["impact"], language, "impact"),
+                "components": {
+                    names.get(name, name): library.label(state, language, "component_state")
+                    for name, state in facts["components"].items()
+                },
+            }
+            for language in languages
+        }
 
     def _render(
         self, template: str, channel: Channel, context: RenderContext

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import datetime
-from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator
@@ -118,35 +117,6 @@ def _split_section(text: str, limit: int = SECTION_MAX_CHARS) -> list[str]:
     return pieces
 
 
-# Headings of the fact fields, per language (English when the language has none).
-FIELD_HEADINGS: dict[str, dict[str, str]] = {
-    "en": {
-        "status": "Status",
-        "impact": "Impact",
-        "components": "Components",
-        "next_update": "Next update",
-    },
-    "fr": {
-        "status": "Statut",
-        "impact": "Impact",
-        "components": "Services",
-        "next_update": "Prochaine mise à jour",
-    },
-}
-
-
-@cache
-def _labels() -> Any:
-    # The shipped labels (templates/_labels): the core passes facts as raw values.
-    from broadcaster.templates import TemplateLibrary
-
-    return TemplateLibrary.with_shipped()
-
-
-def _label(value: str, language: str, table: str) -> str:
-    return str(_labels().label(value, language, table))
-
-
 def _next_update(value: str) -> str:
     """A date Slack shows in each reader's own time zone (`<!date^…>`), with a fallback."""
     when = datetime.fromisoformat(value)
@@ -155,20 +125,21 @@ def _next_update(value: str) -> str:
 
 
 def _fact_fields(facts: Mapping[str, Any], language: str) -> list[dict[str, Any]]:
-    """Status, impact, components and next update as Block Kit section fields."""
-    heading = FIELD_HEADINGS.get(language.split("-")[0], FIELD_HEADINGS["en"])
-    fields: list[str] = []
-    for key in ("status", "impact"):
-        if facts.get(key):
-            fields.append(
-                f"*{heading[key]}*\n{escape_mrkdwn(_label(str(facts[key]), language, key))}"
-            )
-    components = facts.get("components") or {}
-    if components:
+    """Status, impact, components and next update as Block Kit section fields, in the
+    words the core chose for `language` (`facts["labels"]`)."""
+    labels = facts.get("labels", {}).get(language)
+    if not labels:
+        return []
+    heading = labels["headings"]
+    fields = [
+        f"*{heading[key]}*\n{escape_mrkdwn(labels[key])}"
+        for key in ("status", "impact")
+        if labels.get(key)
+    ]
+    if labels["components"]:
         listed = "\n".join(
-            f"{escape_mrkdwn(name)}: "
-            f"{escape_mrkdwn(_label(str(state), language, 'component_state'))}"
-            for name, state in components.items()
+            f"{escape_mrkdwn(name)}: {escape_mrkdwn(state)}"
+            for name, state in labels["components"].items()
         )
         fields.append(f"*{heading['components']}*\n{listed}")
     if facts.get("next_update_at"):

@@ -115,7 +115,7 @@ async def test_blocks_and_fallback_text_are_exactly_what_slack_receives(
             "fields": [
                 {"type": "mrkdwn", "text": "*Statut*\nEnquête en cours"},
                 {"type": "mrkdwn", "text": "*Impact*\nMajeur"},
-                {"type": "mrkdwn", "text": "*Services*\napi: Panne partielle"},
+                {"type": "mrkdwn", "text": "*Services*\nAPI publique: Panne partielle"},
                 {
                     "type": "mrkdwn",
                     "text": "*Prochaine mise à jour*\n<!date^1795707000^{date_short_pretty} "
