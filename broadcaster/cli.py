@@ -386,6 +386,14 @@ def update_incident(
     next_update: NextUpdate = None,
     channel: Channels = None,
     publish_key: PublishKey = None,
+    correct: Annotated[
+        bool,
+        typer.Option(
+            "--correct",
+            help="Correct the latest update: channels that can edit change its posts in "
+            "place, the others post this one as a follow-up.",
+        ),
+    ] = False,
     dry_run: DryRun = False,
     yes: Yes = False,
     no_wait: NoWait = False,
@@ -403,11 +411,19 @@ def update_incident(
         channels=channel,
         publish_key=publish_key,
     )
-    run(
-        lambda b: _publish_flow(
-            b, request, incident_id, dry_run=dry_run, yes=yes, wait=not no_wait, as_json=as_json
+
+    async def work(b: Operations) -> None:
+        corrected = request
+        if correct:
+            latest = (await b.incident(incident_id)).last_update
+            if latest is None:
+                raise fail(f"incident #{incident_id} has no update to correct")
+            corrected = request.model_copy(update={"corrects": latest.id})
+        await _publish_flow(
+            b, corrected, incident_id, dry_run=dry_run, yes=yes, wait=not no_wait, as_json=as_json
         )
-    )
+
+    run(work)
 
 
 @app.command("resolve")
@@ -641,6 +657,41 @@ def cancel(
             f"cancelled update #{target}: {cancelled} queued deliveries stopped "
             "(already sent ones stay sent)"
         )
+
+    run(work)
+
+
+@app.command("retract")
+def retract(
+    incident_id: Annotated[int, typer.Argument(help="Incident number")],
+    update_id: Annotated[
+        int | None, typer.Option("--update", help="Update number (default: the latest)")
+    ] = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    no_wait: NoWait = False,
+) -> None:
+    """Take a wrong update back: stop what is queued, delete its posts where the channel
+    can, and drop it from the status page."""
+    from broadcaster.views import retraction_table
+
+    async def work(b: Operations) -> None:
+        incident = await b.incident(incident_id)
+        latest = incident.last_update
+        target = update_id or (latest.id if latest else None)
+        if target is None or target not in {u.id for u in incident.updates}:
+            raise fail(f"incident #{incident_id} has no update #{target}")
+        out = console()
+        plan = await b.retract(target, actor=actor(), dry_run=True)
+        out.print(retraction_table(plan, title=f"retracting update #{target}"))
+        if dry_run:
+            out.print("[dim]dry run: nothing was changed[/]")
+            return
+        _confirm(yes, f"Retract update #{target}?")
+        await b.retract(target, actor=actor())
+        out.print(f"retracted update #{target}")
+        if not no_wait:
+            _fail_if_broken(await _watch(b, [target]), incident_id)
 
     run(work)
 

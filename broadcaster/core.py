@@ -41,6 +41,7 @@ from broadcaster.models import (
     IncidentKind,
     IncidentStatus,
     Preview,
+    Retraction,
     TemplateInfo,
     Update,
     UpdateRequest,
@@ -182,6 +183,8 @@ class Broadcaster:
             raise BroadcasterError(
                 f"incident #{incident.id} is {incident.status.value} — open a new incident"
             )
+        if request.corrects is not None:
+            self._check_correctable(incident, request.corrects)
         self._check_components(request.components)
         current = dict(incident.components) if incident else {}
         if request.status.is_final:
@@ -220,6 +223,7 @@ class Broadcaster:
             if request.next_update_at
             else None,
             "status_page_url": self.settings.status_page_url,
+            "corrects": request.corrects,
         }
         plans: dict[str, ChannelPlan] = {}
         renders = []
@@ -232,6 +236,7 @@ class Broadcaster:
                 plans[channel.name] = ChannelPlan(
                     render=render,
                     recipients=[(r.id, r.language) for r in channel.recipients()],
+                    edits=channel.capabilities.edits,
                 )
         plan = PublishPlan(
             incident_id=incident.id if incident else None,
@@ -246,8 +251,23 @@ class Broadcaster:
             publish_key=request.publish_key,
             actor=request.actor,
             channels=plans,
+            corrects=request.corrects,
         )
         return plan, Preview(request=request, renders=renders, failures=failures)
+
+    @staticmethod
+    def _check_correctable(incident: Incident | None, update_id: int) -> None:
+        """A correction replaces a live update of the same incident."""
+        corrected = (
+            next((u for u in incident.updates if u.id == update_id), None) if incident else None
+        )
+        if corrected is None:
+            where = f"incident #{incident.id}" if incident else "a new incident"
+            raise BroadcasterError(f"update #{update_id} is not an update of {where}")
+        if corrected.cancelled_at is not None:
+            raise BroadcasterError(
+                f"update #{update_id} was cancelled or retracted: publish a new update instead"
+            )
 
     def _fact_labels(self, languages: list[str], facts: dict[str, Any]) -> dict[str, Any]:
         """The facts as a channel shows them in each of its languages (your `_labels`
@@ -396,6 +416,19 @@ class Broadcaster:
     async def cancel(self, update_id: int, *, actor: str) -> int:
         """The kill switch: stop an update's queued deliveries. Returns how many stopped."""
         return await self.store.cancel_update(update_id, actor)
+
+    async def retract(
+        self, update_id: int, *, actor: str, dry_run: bool = False
+    ) -> dict[str, Retraction]:
+        """Take an update back: its queued deliveries stop, its posts are deleted where the
+        channel can delete (tracked like any delivery), and it leaves the status page."""
+        deletable = [name for name, c in self.channels.items() if c.capabilities.deletes]
+        report = await self.store.retract(
+            update_id, deletable=deletable, actor=actor, dry_run=dry_run
+        )
+        if not dry_run:
+            self.backend.published()
+        return report
 
     async def retry(self, incident_id: int, *, channel: str | None, actor: str) -> tuple[int, int]:
         """Queue the failed deliveries of the incident's latest update again."""

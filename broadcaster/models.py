@@ -75,6 +75,14 @@ class ComponentState(StrEnum):
     UNDER_MAINTENANCE = "under_maintenance"
 
 
+class DeliveryAction(StrEnum):
+    """What a delivery does to the channel: a new post, or a change to an earlier one."""
+
+    POST = "post"
+    EDIT = "edit"  # a correction, in place of the corrected update's post
+    DELETE = "delete"  # a retraction of the update's post
+
+
 class DeliveryState(StrEnum):
     """Where one delivery is: queued -> sending -> sent -> delivered, or a final failure."""
 
@@ -95,6 +103,7 @@ class DeliveryState(StrEnum):
 
 PENDING_STATES = (DeliveryState.QUEUED, DeliveryState.SENDING)
 FAILED_STATES = (DeliveryState.FAILED, DeliveryState.UNDELIVERED)
+SUCCESS_STATES = (DeliveryState.SENT, DeliveryState.DELIVERED)
 
 
 class ChannelFamily(StrEnum):
@@ -168,6 +177,11 @@ class UpdateRequest(BaseModel):
     channels: list[str] | None = Field(default=None, description="None: the configured defaults")
     publish_key: str | None = None
     actor: str = "unknown"
+    corrects: int | None = Field(
+        default=None,
+        description="the update this one corrects: channels that can edit change its posts "
+        "in place, the others post this one as a follow-up",
+    )
 
     @property
     def template_name(self) -> str:
@@ -191,6 +205,8 @@ class Update(BaseModel):
     actor: str
     created_at: datetime
     cancelled_at: datetime | None = None
+    corrects: int | None = None
+    retracted_at: datetime | None = None
 
 
 class Incident(BaseModel):
@@ -329,6 +345,7 @@ class Delivery(BaseModel):
     recipient: str
     language: str | None
     delivery_key: str
+    action: DeliveryAction = DeliveryAction.POST
     state: DeliveryState
     attempts: int
     next_attempt_at: datetime | None
@@ -339,13 +356,29 @@ class Delivery(BaseModel):
     updated_at: datetime
 
 
+class Retraction(BaseModel):
+    """What retracting an update does on one channel."""
+
+    cancelled: int = Field(default=0, description="queued deliveries stopped")
+    deleting: int = Field(default=0, description="posts being deleted")
+    kept: int = Field(default=0, description="posts the channel cannot delete")
+
+
 class ChannelProgress(BaseModel):
     """Deliveries of one channel counted by state, with the failures and their reasons."""
 
     channel: str
+    action: DeliveryAction = DeliveryAction.POST
     counts: dict[DeliveryState, int]
     failures: list[Delivery] = Field(default_factory=list)
     broken: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The channel, and what its deliveries do when they are not new posts."""
+        if self.action is DeliveryAction.POST:
+            return self.channel
+        return f"{self.channel} ({self.action.value})"
 
     @property
     def total(self) -> int:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         DraftState,
         Incident,
         Preview,
+        Retraction,
         TemplateInfo,
         UpdateRequest,
     )
@@ -48,6 +49,10 @@ class Operations(Protocol):
     async def reject(self, draft_id: int, *, actor: str) -> None: ...
 
     async def cancel(self, update_id: int, *, actor: str) -> int: ...
+
+    async def retract(
+        self, update_id: int, *, actor: str, dry_run: bool = False
+    ) -> dict[str, Retraction]: ...
 
     async def retry(
         self, incident_id: int, *, channel: str | None, actor: str

@@ -28,11 +28,19 @@ from broadcaster.models import (
     DraftState,
     Incident,
     Preview,
+    Retraction,
     TemplateInfo,
     UpdateRequest,
 )
 from broadcaster.operations import ProgressCallback
-from broadcaster.server.api import ACTOR_HEADER, ApiError, Cancelled, Requeued, Settled
+from broadcaster.server.api import (
+    ACTOR_HEADER,
+    ApiError,
+    Cancelled,
+    Requeued,
+    Retracted,
+    Settled,
+)
 
 T = TypeVar("T")
 Params = list[tuple[str, str]]
@@ -130,6 +138,13 @@ class RemoteBroadcaster:
     async def cancel(self, update_id: int, *, actor: str) -> int:
         answer = await self._call("POST", f"/updates/{update_id}/cancel", Cancelled)
         return answer.cancelled
+
+    async def retract(
+        self, update_id: int, *, actor: str, dry_run: bool = False
+    ) -> dict[str, Retraction]:
+        params = [("dry_run", "true")] if dry_run else []
+        answer = await self._call("POST", f"/updates/{update_id}/retract", Retracted, params=params)
+        return answer.channels
 
     async def retry(self, incident_id: int, *, channel: str | None, actor: str) -> tuple[int, int]:
         params = [("channel", channel)] if channel else []

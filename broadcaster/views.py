@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group, RenderableType
@@ -18,6 +18,7 @@ from broadcaster.models import (
     DeliveryState,
     Incident,
     Preview,
+    Retraction,
 )
 
 if TYPE_CHECKING:
@@ -52,9 +53,7 @@ def progress_table(progress: Sequence[ChannelProgress], *, title: str | None = N
         note = Text(f"broken: {item.broken}", style="bold red") if item.broken else Text("")
         if not item.broken and item.pending:
             note = Text("in progress", style="cyan")
-        table.add_row(
-            item.channel, *[str(item.counts.get(state, 0) or "") for state in states], note
-        )
+        table.add_row(item.label, *[str(item.counts.get(state, 0) or "") for state in states], note)
     if not progress:
         table.add_row("(no deliveries)", *[""] * (len(states) + 1))
     return table
@@ -163,10 +162,22 @@ def incident_view(incident: Incident, audit: Sequence[AuditEntry]) -> Renderable
     return Group(head, updates, trail)
 
 
+def retraction_table(report: Mapping[str, Retraction], *, title: str) -> Table:
+    """Per channel: queued deliveries stopped, posts deleted, posts the channel keeps."""
+    table = Table(title=title)
+    for column in ("channel", "stopped", "deleting", "cannot delete"):
+        table.add_column(column, justify="left" if column == "channel" else "right")
+    for name, what in sorted(report.items()):
+        kept = f"[yellow]{what.kept}[/]" if what.kept else ""
+        table.add_row(name, str(what.cancelled or ""), str(what.deleting or ""), kept)
+    return table
+
+
 def progress_json(progress: Sequence[ChannelProgress]) -> list[dict[str, Any]]:
     return [
         {
             "channel": p.channel,
+            "action": p.action.value,
             "counts": {s.value: n for s, n in p.counts.items()},
             "broken": p.broken,
             "failures": [

@@ -26,6 +26,7 @@ from channels.base import (
     DeliveryError,
     Message,
     PermanentError,
+    Recipient,
     SecretRef,
     TransientError,
 )
@@ -80,7 +81,9 @@ class BannerChannel(Channel):
     """Publishes the status page, status JSON, banner.js and feeds to a folder and/or a bucket."""
 
     family: ClassVar[ChannelFamily] = ChannelFamily.LONG
-    capabilities: ClassVar[Capabilities] = Capabilities(languages="each")
+    # The site shows the store: an edit or a delete is one more render of it, without
+    # the corrected or retracted update.
+    capabilities: ClassVar[Capabilities] = Capabilities(edits=True, deletes=True, languages="each")
     # Every send joins one shared write of the whole site (see `_publish_site`): many
     # deliveries in flight cost one render per round, not one each.
     default_concurrency: ClassVar[int] = 64
@@ -152,6 +155,12 @@ class BannerChannel(Channel):
         return Receipt(
             provider_id=f"update-{message.update_id}", permalink=permalink, delivered=True
         )
+
+    async def edit(self, provider_id: str, message: Message) -> Receipt:
+        return await self.send(message)
+
+    async def delete(self, provider_id: str, recipient: Recipient) -> None:
+        await self._publish_site()
 
     async def _publish_site(self) -> str | None:
         """Render and write the site once for every send waiting for it.

@@ -449,6 +449,39 @@ def test_cancel_stops_an_update_still_going_out(cli: Cli, thread_receiver: Webho
     assert entry["actor"] == f"cli:{getpass.getuser()}"
 
 
+def test_correct_then_retract_change_what_was_said(
+    cli: Cli, config: Path, thread_receiver: WebhookReceiver
+) -> None:
+    page = config.parent / "public" / "index.html"
+    cli.ok(*open_args("--yes"))
+    wrong = "summary=The bank's API is down."
+    cli.ok("update", "1", "--status", "identified", "--set", wrong, "--yes")
+    right = "summary=Our payment gateway is down."
+    cli.ok("update", "1", "--status", "identified", "--set", right, "--correct", "--yes")
+    assert "Our payment gateway is down" in page.read_text()
+    assert "The bank" not in page.read_text()  # the correction stands in its place
+    corrections = [r.body for r in thread_receiver.received if r.body and r.body["corrects"]]
+    assert [b["update_id"] for b in corrections] == [3] * len(PARTNERS)
+    assert [b["corrects"] for b in corrections] == [2] * len(PARTNERS)
+
+    shown = cli.ok("retract", "1", "--dry-run").stdout
+    assert "retracting update #3" in shown and "dry run" in shown
+    assert "cannot delete" in shown and "Our payment gateway is down" in page.read_text()
+    assert_one_line_error(cli("retract", "1"), "pass --yes")
+    cli.ok("retract", "1", "--yes")
+    assert "Our payment gateway is down" not in page.read_text()
+    assert "Card payments fail" in page.read_text()
+    status = cli.json("status", "1")["channels"]
+    assert {(c["channel"], c["action"]): c["counts"] for c in status} == {
+        ("partners", "post"): {"delivered": 9},
+        ("status-page", "post"): {"delivered": 2},
+        ("status-page", "edit"): {"delivered": 1},
+        ("status-page", "delete"): {"delivered": 1},
+    }
+    assert "retract" in [a["action"] for a in cli.json("show", "1")["audit"]]
+    assert_one_line_error(cli("retract", "1", "--update", "3", "--yes"), "already retracted")
+
+
 def test_cancel_without_yes_and_without_a_terminal_refuses(cli: Cli) -> None:
     cli.ok(*open_args("--yes", "--no-wait"))
     assert_one_line_error(cli("cancel", "1"), "pass --yes")

@@ -19,8 +19,8 @@ from broadcaster.config import DispatchSettings
 from broadcaster.dispatch.ratelimit import RateLimiters
 from broadcaster.dispatch.retry import RetryPolicy
 from broadcaster.errors import ChannelBrokenError, PermanentError, TransientError
-from broadcaster.models import ChannelRender, DeliveryState, Thread
-from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store
+from broadcaster.models import ChannelRender, DeliveryAction, DeliveryState, Thread
+from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store, Target
 from broadcaster.store.tables import utcnow
 from channels.base import Channel, Message, Recipient
 
@@ -249,15 +249,22 @@ class Dispatcher:
         threads: dict[tuple[int, str], Thread] = {}
         if channel.capabilities.threads:
             threads = await self.queue.threads(channel.name, claimed)
+        targets = await self.queue.targets(claimed)
         for item in claimed:
+            target = targets.get(item.target_id) if item.target_id is not None else None
             task = asyncio.create_task(
-                self._send(channel, item, renders[item.update_id], threads.get(item.thread))
+                self._send(channel, item, renders[item.update_id], threads.get(item.thread), target)
             )
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
 
     async def _send(
-        self, channel: Channel, claimed: Claimed, render: ChannelRender, thread: Thread | None
+        self,
+        channel: Channel,
+        claimed: Claimed,
+        render: ChannelRender,
+        thread: Thread | None,
+        target: Target | None,
     ) -> None:
         broken: str | None = None
         try:
@@ -276,14 +283,7 @@ class Dispatcher:
                 limit=channel.rate_limit,
             )
             async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-                receipt = await channel.send(message)
-            outcome = Outcome(
-                claimed.id,
-                DeliveryState.DELIVERED if receipt.delivered else DeliveryState.SENT,
-                provider_id=receipt.provider_id,
-                permalink=receipt.permalink,
-                provider_data=receipt.data or None,
-            )
+                outcome = await self._act(channel, claimed, message, target)
         except (TransientError, PermanentError, ChannelBrokenError) as error:
             outcome = self._failure(channel, claimed, error)
             if isinstance(error, ChannelBrokenError):
@@ -302,6 +302,32 @@ class Dispatcher:
             wrapped = TransientError(f"{channel.name}: unexpected {type(error).__name__}")
             outcome = self._failure(channel, claimed, wrapped)
         self._outcomes.put_nowait((channel.name, outcome, broken))
+
+    @staticmethod
+    async def _act(
+        channel: Channel, claimed: Claimed, message: Message, target: Target | None
+    ) -> Outcome:
+        """Post, or change the post `target` (a correction edits it, a retraction deletes
+        it). A target that never got posted leaves a correction to be posted instead, and a
+        retraction nothing to delete."""
+        action = DeliveryAction(claimed.action)
+        posted = target.provider_id if target is not None else None
+        if action is DeliveryAction.DELETE:
+            if posted is None:
+                return Outcome(claimed.id, DeliveryState.CANCELLED, last_error="nothing was posted")
+            await channel.delete(posted, message.recipient)
+            return Outcome(claimed.id, DeliveryState.DELIVERED)
+        if action is DeliveryAction.EDIT and posted is not None:
+            receipt = await channel.edit(posted, message)
+        else:
+            receipt = await channel.send(message)
+        return Outcome(
+            claimed.id,
+            DeliveryState.DELIVERED if receipt.delivered else DeliveryState.SENT,
+            provider_id=receipt.provider_id,
+            permalink=receipt.permalink,
+            provider_data=receipt.data or None,
+        )
 
     @staticmethod
     def _failure(channel: Channel, claimed: Claimed, error: Exception) -> Outcome:

@@ -120,7 +120,6 @@ class WebhookReceiver(SimulatorServer):
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 
-
     def target(self, name: str) -> str:
         """The URL of one named target: `{url}/hook/{name}`."""
         return f"{self.url}{HOOK_PREFIX}{name}"

@@ -32,6 +32,7 @@ from broadcaster.models import (
     DraftState,
     Incident,
     Preview,
+    Retraction,
     TemplateInfo,
     UpdateRequest,
 )
@@ -74,6 +75,10 @@ class Settled(BaseModel):
 class Requeued(BaseModel):
     requeued: int = Field(description="failed deliveries queued again")
     skipped: int = Field(description="failed deliveries of older updates (superseded)")
+
+
+class Retracted(BaseModel):
+    channels: dict[str, Retraction] = Field(description="per channel, what the retraction does")
 
 
 class Cancelled(BaseModel):
@@ -252,6 +257,14 @@ def api_router(broadcaster: Broadcaster) -> APIRouter:
     async def cancel(update_id: UpdateId, who: Publisher) -> Cancelled:
         """The kill switch: stop an update's queued deliveries."""
         return Cancelled(cancelled=await broadcaster.cancel(update_id, actor=who.actor))
+
+    @router.post("/updates/{update_id}/retract")
+    async def retract(update_id: UpdateId, who: Publisher, dry_run: bool = False) -> Retracted:
+        """Take an update back: stop what is queued, delete its posts where the channel
+        can (tracked as deliveries), drop it from the status page. `dry_run`: only say
+        what would happen."""
+        report = await broadcaster.retract(update_id, actor=who.actor, dry_run=dry_run)
+        return Retracted(channels=report)
 
     @router.get("/progress")
     async def settled(

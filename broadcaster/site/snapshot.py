@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import or_, select
+from sqlalchemy.orm import aliased
 
 from broadcaster.config import Settings
 from broadcaster.models import (
@@ -33,11 +34,16 @@ def _worse(a: ComponentState, b: ComponentState) -> ComponentState:
     return a if _SEVERITY.index(a) >= _SEVERITY.index(b) else b
 
 
+_CORRECTION = aliased(UpdateRow)
+_CORRECTED = select(_CORRECTION.corrects).where(_CORRECTION.corrects.is_not(None))
+
+
 async def public_state(
     store: Store, settings: Settings, *, channel: str, languages: list[str]
 ) -> PublicState:
     """Incidents open or resolved in the last 14 days, with the updates published to
-    `channel` (cancelled ones left out), and every component's current state."""
+    `channel` (cancelled, retracted and corrected ones left out), and every component's
+    current state."""
     now = utcnow()
     async with store.sessions() as session:
         rows = (
@@ -49,7 +55,8 @@ async def public_state(
                     (RenderRow.update_id == UpdateRow.id) & (RenderRow.channel == channel),
                 )
                 .where(
-                    UpdateRow.cancelled_at.is_(None),
+                    UpdateRow.cancelled_at.is_(None),  # retracted ones too
+                    UpdateRow.id.not_in(_CORRECTED),  # the correction stands in its place
                     or_(IncidentRow.resolved_at.is_(None), IncidentRow.resolved_at > now - RECENT),
                 )
                 .order_by(IncidentRow.id, UpdateRow.seq)

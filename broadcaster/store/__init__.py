@@ -1,6 +1,6 @@
 """The store: SQLAlchemy 2 on SQLite (WAL) by default, PostgreSQL for scale."""
 
-from broadcaster.store.queue import DeliveryQueue, Outcome
+from broadcaster.store.queue import DeliveryQueue, Outcome, Target
 from broadcaster.store.store import ChannelPlan, Claimed, PublishPlan, Store, delivery_key
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "Outcome",
     "PublishPlan",
     "Store",
+    "Target",
     "delivery_key",
 ]

@@ -15,7 +15,14 @@ from sqlalchemy import Connection, Integer, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from broadcaster.models import PENDING_STATES, DeliveryState, PostRef, Thread
+from broadcaster.models import (
+    PENDING_STATES,
+    SUCCESS_STATES,
+    DeliveryAction,
+    DeliveryState,
+    PostRef,
+    Thread,
+)
 from broadcaster.store.engine import is_sqlite
 from broadcaster.store.store import Claimed, Store
 from broadcaster.store.tables import (
@@ -85,7 +92,16 @@ _SETTLE_RECEIPT = (
         updated_at=bindparam("b_now", type_=UtcDateTime()),
     )
 )
-_SUCCESS = (DeliveryState.SENT, DeliveryState.DELIVERED)
+_SUCCESS = SUCCESS_STATES
+_SUCCESS_VALUES = [s.value for s in SUCCESS_STATES]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The post an edit or delete changes: where its delivery is, and its provider id."""
+
+    state: DeliveryState
+    provider_id: str | None
 
 
 @functools.cache
@@ -165,10 +181,24 @@ class DeliveryQueue:
     async def threads(
         self, channel: str, claimed: Sequence[Claimed]
     ) -> dict[tuple[int, str], Thread]:
-        """For each claimed delivery's thread that has posts already: its first and latest."""
+        """For each claimed delivery's thread that has posts already: its first and latest.
+
+        A post deleted by a retraction is no longer part of its thread; a corrected post
+        is the same post (an edit's receipt carries the edited post's id).
+        """
         if not claimed:
             return {}
         table = _DELIVERIES
+        deletion = _DELIVERIES.alias("deletion")
+        deleted = (
+            select(deletion.c.id)
+            .where(
+                deletion.c.target_id == table.c.id,
+                deletion.c.state.in_(_SUCCESS_VALUES),
+            )
+            .correlate(table)
+            .exists()
+        )
         async with self.store.engine.connect() as conn:  # a read: no write lock
             rows = (
                 await conn.execute(
@@ -183,16 +213,37 @@ class DeliveryQueue:
                         table.c.incident_id.in_({c.incident_id for c in claimed}),
                         table.c.recipient.in_({c.recipient for c in claimed}),
                         table.c.provider_id.is_not(None),
+                        table.c.action != DeliveryAction.DELETE.value,
+                        ~deleted,
                     )
-                    .order_by(table.c.seq)
+                    .order_by(table.c.seq, table.c.id)
                 )
             ).all()
         posts: dict[tuple[int, str], list[PostRef]] = {}
         for incident_id, recipient, provider_id, data in rows:
-            posts.setdefault((incident_id, recipient), []).append(
-                PostRef(provider_id=provider_id, data=data or {})
-            )
+            refs = posts.setdefault((incident_id, recipient), [])
+            if all(ref.provider_id != provider_id for ref in refs):
+                refs.append(PostRef(provider_id=provider_id, data=data or {}))
         return {key: Thread(root=refs[0], parent=refs[-1]) for key, refs in posts.items()}
+
+    async def targets(self, claimed: Sequence[Claimed]) -> dict[int, Target]:
+        """The posts that claimed edits and deletes change, by delivery id."""
+        ids = {c.target_id for c in claimed if c.target_id is not None}
+        if not ids:
+            return {}
+        table = _DELIVERIES
+        async with self.store.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(table.c.id, table.c.state, table.c.provider_id).where(
+                        table.c.id.in_(ids)
+                    )
+                )
+            ).all()
+        return {
+            row.id: Target(state=DeliveryState(row.state), provider_id=row.provider_id)
+            for row in rows
+        }
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         """Write a batch of outcomes in one transaction.

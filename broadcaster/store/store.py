@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, fields
@@ -26,11 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from broadcaster.errors import BroadcasterError, NotFoundError
 from broadcaster.models import (
     FAILED_STATES,
+    SUCCESS_STATES,
     AuditEntry,
     ChannelProgress,
     ChannelRender,
     ComponentState,
     Delivery,
+    DeliveryAction,
     DeliveryState,
     Draft,
     DraftState,
@@ -38,6 +40,7 @@ from broadcaster.models import (
     Incident,
     IncidentKind,
     IncidentStatus,
+    Retraction,
     Update,
     UpdateRequest,
 )
@@ -72,8 +75,12 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()[:32]
 
 
-def delivery_key(update_id: int, channel: str, recipient: str) -> str:
+def delivery_key(
+    update_id: int, channel: str, recipient: str, action: DeliveryAction = DeliveryAction.POST
+) -> str:
     """Identifies one delivery for providers that dedupe (Idempotency-Key, webhook-id)."""
+    if action is DeliveryAction.DELETE:  # the update's other delivery to this recipient
+        return _key("delivery", update_id, channel, recipient, action.value)
     return _key("delivery", update_id, channel, recipient)
 
 
@@ -83,6 +90,7 @@ class ChannelPlan:
 
     render: ChannelRender
     recipients: list[tuple[str, str | None]]  # (recipient id, language)
+    edits: bool = False  # a correction edits the corrected update's posts in place
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,8 @@ class Claimed:
     attempts: int
     created_at: datetime
     deadline_at: datetime | None  # None: created_at + the channel's deadline
+    action: str  # a DeliveryAction
+    target_id: int | None  # edit/delete: the delivery whose post this changes
 
     @property
     def thread(self) -> tuple[int, str]:
@@ -124,6 +134,7 @@ class PublishPlan:
     channels: dict[str, ChannelPlan] = field(default_factory=dict)
     alert_key: str | None = None
     release_draft: int | None = None  # a held draft this update publishes (it must be held)
+    corrects: int | None = None  # the update this one corrects (see ChannelPlan.edits)
     # Set by a process whose dispatcher is running: a *new* incident's deliveries (no
     # earlier post to wait for) are stored already claimed by it (`sending`, leased this
     # long) and listed in `claimed`, so they go out without a claim transaction.
@@ -150,6 +161,57 @@ class OpenEpisode:
         return datetime.fromisoformat(self.alert_key.rpartition("|")[2])
 
 
+def _next_seq(conn: Connection, incident_id: int) -> int:
+    """The seq after every update of the incident so far: a new update's, or a
+    retraction's (its deletes then wait for every post of the thread before them)."""
+    latest = select(func.max(UPDATES.c.seq)).where(UPDATES.c.incident_id == incident_id)
+    return (conn.scalar(latest) or 0) + 1
+
+
+def _restore_incident(conn: Connection, incident_id: int) -> None:
+    """Make the incident say what its live updates say (after one was retracted): the
+    latest one's status and impact, the components as the updates left them."""
+    live = conn.execute(
+        select(UPDATES.c.status, UPDATES.c.impact, UPDATES.c.components, UPDATES.c.created_at)
+        .where(UPDATES.c.incident_id == incident_id, UPDATES.c.cancelled_at.is_(None))
+        .order_by(UPDATES.c.seq)
+    ).all()
+    if not live:  # nothing left said: the incident keeps what it was
+        return
+    components: dict[str, str] = {}
+    for row in live:
+        if IncidentStatus(row.status).is_final:
+            components = dict.fromkeys(components, ComponentState.OPERATIONAL.value)
+        components.update(row.components)
+    latest = live[-1]
+    conn.execute(
+        update(INCIDENTS)
+        .where(INCIDENTS.c.id == incident_id)
+        .values(
+            status=latest.status,
+            impact=latest.impact,
+            components=components,
+            resolved_at=latest.created_at if IncidentStatus(latest.status).is_final else None,
+        )
+    )
+
+
+def _correction_targets(conn: Connection, plan: PublishPlan) -> dict[tuple[str, str], int]:
+    """(channel, recipient) -> the corrected update's delivery there, for channels that
+    edit: the correction edits whatever that delivery posted (or posts, if it did not)."""
+    edits = [name for name, channel_plan in plan.channels.items() if channel_plan.edits]
+    if plan.corrects is None or not edits:
+        return {}
+    rows = conn.execute(
+        select(DELIVERIES.c.id, DELIVERIES.c.channel, DELIVERIES.c.recipient).where(
+            DELIVERIES.c.update_id == plan.corrects,
+            DELIVERIES.c.channel.in_(edits),
+            DELIVERIES.c.action != DeliveryAction.DELETE.value,
+        )
+    ).all()
+    return {(row.channel, row.recipient): row.id for row in rows}
+
+
 def _update_model(row: UpdateRow) -> Update:
     return Update(
         id=row.id,
@@ -166,6 +228,8 @@ def _update_model(row: UpdateRow) -> Update:
         actor=row.actor,
         created_at=row.created_at,
         cancelled_at=row.cancelled_at,
+        corrects=row.corrects,
+        retracted_at=row.retracted_at,
     )
 
 
@@ -237,6 +301,7 @@ def delivery_model(row: DeliveryRow) -> Delivery:
         recipient=row.recipient,
         language=row.language,
         delivery_key=row.delivery_key,
+        action=DeliveryAction(row.action),
         state=DeliveryState(row.state),
         attempts=row.attempts,
         next_attempt_at=row.next_attempt_at,
@@ -483,14 +548,7 @@ class Store:
             )
             if changed.rowcount != 1:
                 raise NotFoundError(f"no incident #{incident_id}")
-            seq = (
-                conn.scalar(
-                    select(func.coalesce(func.max(UPDATES.c.seq), 0)).where(
-                        UPDATES.c.incident_id == incident_id
-                    )
-                )
-                or 0
-            ) + 1
+            seq = _next_seq(conn, incident_id)
             # Nobody should receive "investigating" after "resolved": what has not gone
             # out yet of this incident's older updates is superseded by this one.
             result = conn.execute(
@@ -499,6 +557,8 @@ class Store:
                     DELIVERIES.c.incident_id == incident_id,
                     DELIVERIES.c.channel.in_(list(plan.channels)),
                     DELIVERIES.c.state == DeliveryState.QUEUED.value,
+                    # A retraction still deletes what it was asked to.
+                    DELIVERIES.c.action != DeliveryAction.DELETE.value,
                 )
                 .values(state=DeliveryState.SUPERSEDED.value, updated_at=now)
             )
@@ -517,6 +577,7 @@ class Store:
             channels=list(plan.channels),
             actor=plan.actor,
             created_at=now,
+            corrects=plan.corrects,
         )
         update_id = conn.execute(
             insert(UPDATES)
@@ -533,6 +594,7 @@ class Store:
                 channels=list(plan.channels),
                 actor=plan.actor,
                 created_at=now,
+                corrects=plan.corrects,
             )
             .returning(UPDATES.c.id)
         ).scalar_one()
@@ -546,6 +608,7 @@ class Store:
                 ],
             )
         claim = plan.claim_lease_seconds is not None and plan.incident_id is None
+        targets = _correction_targets(conn, plan)
         deliveries = [
             {
                 "update_id": update_id,
@@ -555,6 +618,10 @@ class Store:
                 "recipient": recipient,
                 "language": language,
                 "delivery_key": delivery_key(update_id, name, recipient),
+                "action": (
+                    DeliveryAction.EDIT if (name, recipient) in targets else DeliveryAction.POST
+                ).value,
+                "target_id": targets.get((name, recipient)),
                 "state": (DeliveryState.SENDING if claim else DeliveryState.QUEUED).value,
                 "attempts": 1 if claim else 0,
                 "lease_until": now + timedelta(seconds=plan.claim_lease_seconds or 0)
@@ -607,6 +674,97 @@ class Store:
             if released.rowcount != 1:
                 raise DraftChangedError(f"draft #{plan.release_draft} is no longer held")
         return stored
+
+    async def retract(
+        self, update_id: int, *, deletable: Collection[str], actor: str, dry_run: bool = False
+    ) -> dict[str, Retraction]:
+        """Take an update back: stop its queued deliveries and queue, for each of its posts
+        on a channel that can delete, a delivery deleting it. Per channel, what happens."""
+
+        def retract(session: Session) -> dict[str, Retraction]:
+            conn = session.connection()
+            now = utcnow()
+            row = conn.execute(
+                select(UPDATES.c.incident_id, UPDATES.c.retracted_at).where(
+                    UPDATES.c.id == update_id
+                )
+            ).one_or_none()
+            if row is None:
+                raise NotFoundError(f"no update #{update_id}")
+            if row.retracted_at is not None:
+                raise BroadcasterError(f"update #{update_id} is already retracted")
+            posts = conn.execute(
+                select(
+                    DELIVERIES.c.id,
+                    DELIVERIES.c.channel,
+                    DELIVERIES.c.recipient,
+                    DELIVERIES.c.language,
+                    DELIVERIES.c.state,
+                ).where(DELIVERIES.c.update_id == update_id)
+            ).all()
+            report: dict[str, Retraction] = {}
+            deletes = []
+            seq = _next_seq(conn, row.incident_id)
+            for post in posts:
+                what = report.setdefault(post.channel, Retraction())
+                state = DeliveryState(post.state)
+                if state is DeliveryState.QUEUED:
+                    what.cancelled += 1
+                elif state.is_pending or state in SUCCESS_STATES:
+                    if post.channel not in deletable:
+                        what.kept += 1
+                        continue
+                    what.deleting += 1
+                    deletes.append(
+                        {
+                            "update_id": update_id,
+                            "incident_id": row.incident_id,
+                            # After everything of the thread so far: a post still going
+                            # out is deleted once it is out.
+                            "seq": seq,
+                            "channel": post.channel,
+                            "recipient": post.recipient,
+                            "language": post.language,
+                            "delivery_key": delivery_key(
+                                update_id, post.channel, post.recipient, DeliveryAction.DELETE
+                            ),
+                            "action": DeliveryAction.DELETE.value,
+                            "target_id": post.id,
+                            "state": DeliveryState.QUEUED.value,
+                            "created_at": now,
+                        }
+                    )
+            if dry_run:
+                return report
+            conn.execute(
+                update(UPDATES)
+                .where(UPDATES.c.id == update_id)
+                .values(retracted_at=now, cancelled_at=func.coalesce(UPDATES.c.cancelled_at, now))
+            )
+            _restore_incident(conn, row.incident_id)
+            conn.execute(
+                update(DELIVERIES)
+                .where(
+                    DELIVERIES.c.update_id == update_id,
+                    DELIVERIES.c.state == DeliveryState.QUEUED.value,
+                )
+                .values(state=DeliveryState.CANCELLED.value, updated_at=now)
+            )
+            if deletes:
+                conn.execute(insert(DELIVERIES), deletes)
+            conn.execute(
+                insert(AUDIT).values(
+                    at=now,
+                    actor=actor,
+                    action="retract",
+                    incident_id=row.incident_id,
+                    update_id=update_id,
+                    detail={name: r.model_dump() for name, r in report.items()},
+                )
+            )
+            return report
+
+        return await self.write_session(retract)
 
     # -- monitoring alerts and drafts ------------------------------------------------
 
@@ -826,25 +984,29 @@ class Store:
             conditions.append(DeliveryRow.channel == channel)
         async with self.sessions() as session:
             counts = await session.execute(
-                select(DeliveryRow.channel, DeliveryRow.state, func.count())
+                select(DeliveryRow.channel, DeliveryRow.action, DeliveryRow.state, func.count())
                 .where(*conditions)
-                .group_by(DeliveryRow.channel, DeliveryRow.state)
+                .group_by(DeliveryRow.channel, DeliveryRow.action, DeliveryRow.state)
             )
-            by_channel: dict[str, dict[DeliveryState, int]] = {}
-            for name, state, count in counts:
-                by_channel.setdefault(name, {})[DeliveryState(state)] = count
+            by_channel: dict[tuple[str, DeliveryAction], dict[DeliveryState, int]] = {}
+            for name, action, state, count in counts:
+                key = (name, DeliveryAction(action))
+                by_channel.setdefault(key, {})[DeliveryState(state)] = count
             health = {
                 h.channel: h.broken_reason
                 for h in (await session.scalars(select(ChannelHealthRow))).all()
             }
             result = []
-            for name in sorted(by_channel):
+            # Posts first, then what changed them (edits, deletes), channel by channel.
+            order = list(DeliveryAction)
+            for name, action in sorted(by_channel, key=lambda k: (k[0], order.index(k[1]))):
                 failed_rows = (
                     await session.scalars(
                         select(DeliveryRow)
                         .where(
                             *conditions,
                             DeliveryRow.channel == name,
+                            DeliveryRow.action == action.value,
                             DeliveryRow.state.in_([s.value for s in FAILED_STATES]),
                         )
                         .order_by(DeliveryRow.id.desc())
@@ -854,7 +1016,8 @@ class Store:
                 result.append(
                     ChannelProgress(
                         channel=name,
-                        counts=by_channel[name],
+                        action=action,
+                        counts=by_channel[(name, action)],
                         failures=[delivery_model(r) for r in failed_rows],
                         broken=health.get(name),
                     )

@@ -85,6 +85,10 @@ class UpdateRow(Base):
     actor: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime]
     cancelled_at: Mapped[datetime | None]
+    corrects: Mapped[int | None] = mapped_column(
+        ForeignKey("updates.id"), doc="the update this one corrects (edits its posts)"
+    )
+    retracted_at: Mapped[datetime | None] = mapped_column(doc="its posts are being deleted")
 
 
 class RenderRow(Base):
@@ -104,6 +108,7 @@ class DeliveryRow(Base):
         Index("ix_deliveries_thread", "incident_id", "channel", "recipient", "seq"),
         Index("ix_deliveries_update_state", "update_id", "state"),
         Index("ix_deliveries_incident", "incident_id", "channel"),
+        Index("ix_deliveries_target", "target_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -114,6 +119,12 @@ class DeliveryRow(Base):
     recipient: Mapped[str] = mapped_column(String(300))
     language: Mapped[str | None] = mapped_column(String(20))
     delivery_key: Mapped[str] = mapped_column(String(64), unique=True)
+    action: Mapped[str] = mapped_column(
+        String(10), default="post", server_default="post", doc="post, edit or delete"
+    )
+    target_id: Mapped[int | None] = mapped_column(
+        doc="edit/delete: the delivery whose post this changes"
+    )
     state: Mapped[str] = mapped_column(String(20))
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(doc="NULL: due now")
