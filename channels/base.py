@@ -5,6 +5,11 @@ limit and a pydantic config model, and implements `send`. It classifies every pr
 failure into one of `TransientError` (with `retry_after` when the provider says so),
 `PermanentError` or `ChannelBrokenError`; nothing else may escape `send`. Adapters are
 found through the `broadcaster.channels` entry-point group and import their SDK lazily.
+
+Optionally, an adapter receives: `Channel.inbound()` returns an `InboundEndpoint` that
+`serve` mounts at `POST /inbound/<channel>`. It authenticates and parses the raw request
+itself (the server never imports an SDK) and reaches the core's read operations only
+through `ChannelContext.support_desk`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from broadcaster.secrets import SecretRef
 
 if TYPE_CHECKING:
     import aiohttp
+    from broadcaster.support import SupportDesk
 
 __all__ = [
     "Channel",
@@ -45,6 +51,10 @@ __all__ = [
     "ChannelContext",
     "DeliveryError",
     "HttpChannel",
+    "HttpClassifier",
+    "InboundEndpoint",
+    "InboundReply",
+    "InboundRequest",
     "Message",
     "PermanentError",
     "Recipient",
@@ -105,11 +115,60 @@ PublicSiteRenderer = Callable[[str, list[str]], Awaitable[dict[str, bytes]]]
 @dataclass
 class ChannelContext:
     """What the core lends an adapter: where relative paths start, where to keep files,
-    and the renderer of the public site (from the store, by broadcaster/site)."""
+    the renderer of the public site (from the store, by broadcaster/site), and the
+    support desk an inbound endpoint asks for the current state."""
 
     base_dir: Path
     data_dir: Path
     render_public_site: PublicSiteRenderer | None = None
+    support_desk: SupportDesk | None = None
+
+
+@dataclass(frozen=True)
+class InboundRequest:
+    """One request to `POST /inbound/<channel>` as it arrived: header names in lower case,
+    the raw body (size-limited by the server, not parsed: the endpoint authenticates
+    before it parses)."""
+
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class InboundReply:
+    """The HTTP answer to an inbound request, and work to run once it has gone out (so a
+    provider waiting for the answer is not held up by it)."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    then: Callable[[], Awaitable[None]] | None = None
+
+    @classmethod
+    def refusal(cls, status: int, detail: str) -> InboundReply:
+        """A refusal in the server's error shape, `{"detail": ...}`."""
+        import json
+
+        return cls(status=status, body=json.dumps({"detail": detail}).encode())
+
+
+class InboundEndpoint(ABC):
+    """The receiving side of one channel (provider callbacks, users' messages).
+
+    `serve` opens it at start with the URL it is reachable at (None when
+    `serve.public_url` is unset), hands it every request to `POST /inbound/<channel>`,
+    and closes it at stop.
+    """
+
+    async def open(self, url: str | None) -> None:  # noqa: B027 - optional hook
+        """Get ready; register `url` with the provider where it takes one."""
+
+    @abstractmethod
+    async def handle(self, request: InboundRequest) -> InboundReply:
+        """Authenticate, then parse and act; never raise for a bad request: refuse it."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
 
 
 class Channel(ABC):
@@ -159,6 +218,10 @@ class Channel(ABC):
         """Resolve one of this channel's secrets (files relative to the config's folder)."""
         return ref.resolve(self.context.base_dir)
 
+    def inbound(self) -> InboundEndpoint | None:
+        """A new inbound endpoint when this instance's config turns one on; None if not."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections inside the running event loop."""
 
@@ -201,6 +264,10 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+# (status, headers, body text) of a failed HTTP answer -> the error it means
+HttpClassifier = Callable[[int, Mapping[str, str], str], DeliveryError]
+
+
 def classify_http_status(status: int, retry_after: str | None, what: str) -> DeliveryError:
     """Map an HTTP failure status to our error classes, the way most providers mean them."""
     message = f"{what}: HTTP {status}"
@@ -237,24 +304,53 @@ class HttpChannel(Channel):
             await self._session.close()
             self._session = None
 
-    async def post_json(
-        self, url: str, body: bytes, headers: Mapping[str, str], *, what: str
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        what: str,
+        classify: HttpClassifier | None = None,
     ) -> tuple[int, str]:
-        """POST a JSON body; return (status, text) on 2xx, raise a classified error otherwise."""
-
+        """One HTTP call; (status, text) on 2xx, else the error `classify` makes of the
+        answer (default: `classify_http_status`). `what` names the call in errors: never
+        put a URL there that carries a credential."""
         import aiohttp
 
         try:
-            async with self.session.post(
-                url, data=body, headers={"Content-Type": "application/json", **headers}
+            async with self.session.request(
+                method, url, data=body, headers=headers or {}
             ) as response:
                 text = await response.text()
-                if response.status >= 300:
-                    raise classify_http_status(
-                        response.status, response.headers.get("Retry-After"), what
-                    )
-                return response.status, text
+                status, answer_headers = response.status, response.headers
         except (TimeoutError, aiohttp.ClientError) as exc:
             # A dropped connection may or may not have delivered: retry, the delivery key
-            # lets the receiver recognise the duplicate.
-            raise TransientError(f"{what}: {type(exc).__name__}") from exc
+            # lets the receiver recognise the duplicate. `from None`: aiohttp's exception
+            # may quote the URL, and with it a token.
+            raise TransientError(f"{what}: {type(exc).__name__}") from None
+        if status >= 300:
+            if classify is not None:
+                raise classify(status, answer_headers, text)
+            raise classify_http_status(status, answer_headers.get("Retry-After"), what)
+        return status, text
+
+    async def post_json(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        what: str,
+        classify: HttpClassifier | None = None,
+    ) -> tuple[int, str]:
+        """POST a JSON body; see `request`."""
+        return await self.request(
+            "POST",
+            url,
+            body=body,
+            headers={"Content-Type": "application/json", **headers},
+            what=what,
+            classify=classify,
+        )

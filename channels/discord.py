@@ -334,25 +334,18 @@ class DiscordChannel(HttpChannel):
         self, method: str, url: str, *, what: str, payload: Mapping[str, Any] | None = None
     ) -> Any:
         """One webhook call: the answer's JSON (None for 204), or a classified error."""
-        import aiohttp
-
         if self._session is None:
             await self.start()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         body = json.dumps(payload, ensure_ascii=False).encode() if payload is not None else None
-        try:
-            async with self.session.request(method, url, data=body, headers=headers) as answer:
-                text = await answer.text()
-                status, answer_headers = answer.status, answer.headers
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            # A dropped connection may or may not have posted: the core decides to retry.
-            # `from None`: aiohttp's exception may quote the URL, and with it the token.
-            raise TransientError(f"{what}: {type(exc).__name__}") from None
-        if status >= 300:
-            error = classify_discord_response(
-                status, answer_headers, text, what, thread_id=self.config.thread_id
-            )
-            raise error from None
+        thread_id = self.config.thread_id
+
+        def classify(status: int, headers: Mapping[str, str], text: str) -> DeliveryError:
+            return classify_discord_response(status, headers, text, what, thread_id=thread_id)
+
+        _, text = await self.request(
+            method, url, body=body, headers=headers, what=what, classify=classify
+        )
         try:
             return json.loads(text) if text else None
         except ValueError:

@@ -41,10 +41,12 @@ from broadcaster.models import (
 from channels.base import (
     ChannelBrokenError,
     ChannelConfig,
+    DeliveryError,
     HttpChannel,
     Message,
     PermanentError,
     SecretRef,
+    classify_http_status,
 )
 
 __all__ = [
@@ -277,22 +279,24 @@ class TeamsChannel(HttpChannel):
             )
         what = self.name  # never the URL: its sig= is the credential
         where = self.config.webhook_url.describe()
-        try:
-            await self.post_json(url, body, {}, what=what)
-        except ChannelBrokenError as exc:  # 401, 403
-            raise ChannelBrokenError(
-                f"{exc} — Workflows refused the URL's signature, or the flow is turned off: "
-                f"turn the flow on, or copy its URL again into {where}"
-            ) from exc
-        except PermanentError as exc:
-            # A 404 is the flow deleted (or its URL regenerated): every later update would
-            # fail the same way, so the channel stops rather than fail them one by one.
-            if str(exc) == f"{what}: HTTP 404":
-                raise ChannelBrokenError(
-                    f"{exc} — the flow was deleted or its URL changed: "
+
+        def classify(status: int, headers: Mapping[str, str], text: str) -> DeliveryError:
+            error = classify_http_status(status, headers.get("Retry-After"), what)
+            if status in (401, 403):
+                return ChannelBrokenError(
+                    f"{error} — Workflows refused the URL's signature, or the flow is turned "
+                    f"off: turn the flow on, or copy its URL again into {where}"
+                )
+            if status == 404:
+                # The flow deleted (or its URL regenerated): every later update would fail
+                # the same way, so the channel stops rather than fail them one by one.
+                return ChannelBrokenError(
+                    f"{error} — the flow was deleted or its URL changed: "
                     f"copy the current URL into {where}"
-                ) from exc
-            raise
+                )
+            return error
+
+        await self.post_json(url, body, {}, what=what, classify=classify)
         return Receipt()
 
     async def check_config(self) -> list[str]:

@@ -3,17 +3,27 @@
 On python-telegram-bot (`telegram.Bot`, async), imported inside methods. Text goes in
 HTML parse mode, escaped; a follow-up replies to the incident's first message in that
 chat. Every SDK failure is classified here into the contract's three error classes.
+
+With `support_bot = true` the same bot also answers users in private chats
+(`TelegramSupportBot`): `/status` gets the current state, by webhook inside `serve`
+(`POST /inbound/<channel>`) or by long polling (`broadcaster telegram-bot`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 import html
+import json
 import logging
+import random
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from pydantic import AnyHttpUrl, Field, field_validator
 
@@ -31,6 +41,9 @@ from channels.base import (
     ChannelConfig,
     ChannelContext,
     DeliveryError,
+    InboundEndpoint,
+    InboundReply,
+    InboundRequest,
     Message,
     PermanentError,
     Recipient,
@@ -39,9 +52,11 @@ from channels.base import (
 )
 
 if TYPE_CHECKING:
-    from telegram import Bot
+    from telegram import Bot, Update
     from telegram import Message as TelegramMessage
     from telegram.request import HTTPXRequest
+
+    from broadcaster.support import CurrentState, SupportDesk
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +66,8 @@ DEFAULT_API = "https://api.telegram.org"
 # the asterisks would show, so the line becomes <b>…</b>.
 _BOLD_LINE = re.compile(r"\*([^*\n]+)\*")
 _CHAT = re.compile(r"@[A-Za-z][A-Za-z0-9_]{3,}|-?[0-9]+")
+# setWebhook's secret_token: "1-256 characters. Only characters A-Z, a-z, 0-9, _ and -".
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 class TelegramConfig(ChannelConfig):
@@ -61,6 +78,18 @@ class TelegramConfig(ChannelConfig):
     base_url: AnyHttpUrl | None = Field(
         default=None,
         description="a self-hosted Bot API server's root (default https://api.telegram.org)",
+    )
+    support_bot: bool = Field(
+        default=False,
+        description="the bot also answers users in private chats: /status (and /start) get "
+        "the current state, anything else a short help; `serve` receives them at "
+        "/inbound/<channel> (or run `broadcaster telegram-bot` to poll instead)",
+    )
+    webhook_secret: SecretRef | None = Field(
+        default=None,
+        description="the secret_token Telegram sends with each webhook call "
+        "(X-Telegram-Bot-Api-Secret-Token): 1-256 of A-Z a-z 0-9 _ -; needed by support_bot "
+        "under `serve`",
     )
 
     @field_validator("chats", mode="before")
@@ -142,7 +171,23 @@ class TelegramChannel(Channel):
         return [Recipient(id=chat) for chat in self.config.chats]
 
     def secrets(self) -> Mapping[str, SecretRef]:
-        return {"token": self.config.token}
+        secrets = {"token": self.config.token}
+        if self.config.webhook_secret is not None:
+            secrets["webhook_secret"] = self.config.webhook_secret
+        return secrets
+
+    def inbound(self) -> TelegramSupportBot | None:
+        """With `support_bot = true`: the bot answering users, for `serve` to mount."""
+        if not self.config.support_bot or self.context.support_desk is None:
+            return None
+        return self.support_bot()
+
+    def support_bot(self) -> TelegramSupportBot:
+        """A new support bot on this channel's bot (its own HTTP client)."""
+        desk = self.context.support_desk
+        if desk is None:
+            raise ChannelBrokenError(f"{self.name}: no support desk: open it with a Broadcaster")
+        return TelegramSupportBot(self, desk)
 
     def account_key(self) -> str:
         # Channels sharing one bot share its global limit; the bot id is not secret.
@@ -338,8 +383,23 @@ class TelegramChannel(Channel):
         await self._call(recipient.id, self._chat_for(recipient.id, None), delete)
 
     async def check_config(self) -> list[str]:
-        """The token is there and the Bot API accepts it (getMe)."""
+        """The token is there and the Bot API accepts it (getMe); a support bot has a
+        usable webhook secret."""
         problems = await super().check_config()
+        if self.config.support_bot:
+            ref = self.config.webhook_secret
+            value = self.secret(ref) if ref is not None else None
+            if ref is None:
+                problems.append(
+                    f"{self.name}: support_bot needs webhook_secret (1-256 of A-Z a-z 0-9 _ -), "
+                    "or `serve` refuses every webhook call — run `broadcaster telegram-bot` "
+                    "to answer by polling instead"
+                )
+            elif value is not None and not _WEBHOOK_SECRET.fullmatch(value.get_secret_value()):
+                problems.append(
+                    f"{self.name}: webhook_secret in {ref.describe()} must be 1-256 characters "
+                    "of A-Z a-z 0-9 _ - (Telegram refuses others)"
+                )
         secret = self.secret(self.config.token)
         if secret is None:
             return problems

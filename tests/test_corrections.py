@@ -68,6 +68,21 @@ async def pds() -> AsyncIterator[FakePds]:
         yield fake
 
 
+@pytest.fixture
+async def b(
+    slack: SlackWebApi,
+    telegram: FakeTelegram,
+    pds: FakePds,
+    make_broadcaster: MakeBroadcaster,
+    tmp_path: Path,
+) -> Broadcaster:
+    """Slack, Telegram, Bluesky and the status page, on their fakes."""
+    broadcaster: Broadcaster = await make_broadcaster(
+        public_channels(slack, telegram, pds, tmp_path)
+    )
+    return broadcaster
+
+
 FAST = {"backoff_seconds": 0.05, "backoff_max_seconds": 0.5, "rate_limit": {}}
 
 
@@ -129,13 +144,8 @@ async def provider_id(b: Broadcaster, incident: int, update: int, channel: str) 
 
 
 async def test_correction_edits_in_place_where_it_can_and_follows_up_elsewhere(
-    slack: SlackWebApi,
-    telegram: FakeTelegram,
-    pds: FakePds,
-    make_broadcaster: MakeBroadcaster,
-    tmp_path: Path,
+    b: Broadcaster, slack: SlackWebApi, telegram: FakeTelegram, pds: FakePds, tmp_path: Path
 ) -> None:
-    b = await make_broadcaster(public_channels(slack, telegram, pds, tmp_path))
     opening = request(IncidentStatus.INVESTIGATING, "Card payments fail", title="Payments")
     incident, first, _ = await publish(b, opening)
     _, wrong, _ = await publish(
@@ -177,13 +187,8 @@ async def test_correction_edits_in_place_where_it_can_and_follows_up_elsewhere(
 
 
 async def test_correcting_an_update_that_never_went_out_posts_it(
-    slack: SlackWebApi,
-    telegram: FakeTelegram,
-    pds: FakePds,
-    make_broadcaster: MakeBroadcaster,
-    tmp_path: Path,
+    b: Broadcaster, slack: SlackWebApi
 ) -> None:
-    b = await make_broadcaster(public_channels(slack, telegram, pds, tmp_path))
     incident, _, _ = await publish(
         b, request(IncidentStatus.INVESTIGATING, "Card payments fail", title="Payments")
     )
@@ -201,14 +206,7 @@ async def test_correcting_an_update_that_never_went_out_posts_it(
     assert slack.messages[-1].thread_ts == slack.messages[0].ts
 
 
-async def test_a_correction_must_name_a_live_update_of_the_incident(
-    slack: SlackWebApi,
-    telegram: FakeTelegram,
-    pds: FakePds,
-    make_broadcaster: MakeBroadcaster,
-    tmp_path: Path,
-) -> None:
-    b = await make_broadcaster(public_channels(slack, telegram, pds, tmp_path))
+async def test_a_correction_must_name_a_live_update_of_the_incident(b: Broadcaster) -> None:
     one, first, _ = await publish(b, request(IncidentStatus.INVESTIGATING, "A", title="One"))
     two, _, _ = await publish(b, request(IncidentStatus.INVESTIGATING, "B", title="Two"))
     with pytest.raises(BroadcasterError, match=f"not an update of incident #{two}"):
@@ -277,13 +275,8 @@ async def test_retract_deletes_posts_tracks_them_and_drops_the_update_everywhere
 
 
 async def test_retract_stops_what_is_queued_and_retries_a_refused_delete(
-    slack: SlackWebApi,
-    telegram: FakeTelegram,
-    pds: FakePds,
-    make_broadcaster: MakeBroadcaster,
-    tmp_path: Path,
+    b: Broadcaster, slack: SlackWebApi, telegram: FakeTelegram, pds: FakePds
 ) -> None:
-    b = await make_broadcaster(public_channels(slack, telegram, pds, tmp_path))
     incident, first, _ = await publish(
         b, request(IncidentStatus.INVESTIGATING, "Card payments fail", title="Payments")
     )
@@ -310,13 +303,8 @@ async def test_retract_stops_what_is_queued_and_retries_a_refused_delete(
 
 
 async def test_a_delete_the_provider_refuses_fails_with_its_reason(
-    slack: SlackWebApi,
-    telegram: FakeTelegram,
-    pds: FakePds,
-    make_broadcaster: MakeBroadcaster,
-    tmp_path: Path,
+    b: Broadcaster, slack: SlackWebApi
 ) -> None:
-    b = await make_broadcaster(public_channels(slack, telegram, pds, tmp_path))
     _, update, _ = await publish(
         b, request(IncidentStatus.INVESTIGATING, "Card payments fail", title="Payments")
     )

@@ -76,12 +76,22 @@ def _key(*parts: object) -> str:
 
 
 def delivery_key(
-    update_id: int, channel: str, recipient: str, action: DeliveryAction = DeliveryAction.POST
+    update_id: int,
+    created_at: datetime,
+    channel: str,
+    recipient: str,
+    action: DeliveryAction = DeliveryAction.POST,
 ) -> str:
-    """Identifies one delivery for providers that dedupe (Idempotency-Key, webhook-id)."""
+    """Identifies one delivery for providers that dedupe (Idempotency-Key, webhook-id).
+
+    The update's creation time is in it: ids restart in a new store, and a provider that
+    remembers keys (Mastodon, for an hour) must not take a new store's first update for
+    an earlier store's.
+    """
+    parts: list[object] = ["delivery", update_id, created_at.isoformat(), channel, recipient]
     if action is DeliveryAction.DELETE:  # the update's other delivery to this recipient
-        return _key("delivery", update_id, channel, recipient, action.value)
-    return _key("delivery", update_id, channel, recipient)
+        parts.append(action.value)
+    return _key(*parts)
 
 
 @dataclass
@@ -617,7 +627,7 @@ class Store:
                 "channel": name,
                 "recipient": recipient,
                 "language": language,
-                "delivery_key": delivery_key(update_id, name, recipient),
+                "delivery_key": delivery_key(update_id, now, name, recipient),
                 "action": (
                     DeliveryAction.EDIT if (name, recipient) in targets else DeliveryAction.POST
                 ).value,
@@ -685,7 +695,7 @@ class Store:
             conn = session.connection()
             now = utcnow()
             row = conn.execute(
-                select(UPDATES.c.incident_id, UPDATES.c.retracted_at).where(
+                select(UPDATES.c.incident_id, UPDATES.c.retracted_at, UPDATES.c.created_at).where(
                     UPDATES.c.id == update_id
                 )
             ).one_or_none()
@@ -726,7 +736,11 @@ class Store:
                             "recipient": post.recipient,
                             "language": post.language,
                             "delivery_key": delivery_key(
-                                update_id, post.channel, post.recipient, DeliveryAction.DELETE
+                                update_id,
+                                row.created_at,
+                                post.channel,
+                                post.recipient,
+                                DeliveryAction.DELETE,
                             ),
                             "action": DeliveryAction.DELETE.value,
                             "target_id": post.id,
