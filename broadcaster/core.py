@@ -48,6 +48,7 @@ from broadcaster.models import (
 )
 from broadcaster.operations import ProgressCallback
 from broadcaster.store import ChannelPlan, DeliveryQueue, PublishPlan, Store
+from broadcaster.support import StoreSupportDesk
 from broadcaster.templates import RenderContext, TemplateLibrary
 from channels.base import Channel, ChannelContext
 
@@ -119,6 +120,7 @@ class Broadcaster:
         store = await Store.open(settings.store_url)
         broadcaster = cls(settings, store, channels, library)
         context.render_public_site = broadcaster.render_public_site
+        context.support_desk = StoreSupportDesk(broadcaster)
         # Everything built so far (settings, channels with maybe thousands of targets,
         # templates) lives as long as the process: move it out of the collector's way.
         # Walking it on every full collection cost ~20% of a 10,000-target fan-out.

@@ -2,10 +2,12 @@
 
 It writes a real broadcaster.toml into a folder, starts provider simulators on
 127.0.0.1 — a webhook receiver (some of whose targets answer 429, 503, drop the
-connection or refuse for good), Slack's Web API, Telegram's Bot API and a Bluesky PDS,
-each driven by the provider's real SDK — and publishes investigating -> identified ->
+connection or refuse for good), Slack's Web API, Telegram's Bot API, a Bluesky PDS and a
+Mastodon instance (each driven by the provider's real SDK), a Discord webhook and a Teams
+Workflows webhook — and publishes investigating -> identified -> a correction of it ->
 resolved through every channel, with live progress: follow-ups thread under the first
-post on Slack, Telegram and Bluesky.
+post on Slack, Telegram, Bluesky and Mastodon, and the correction edits the identified
+post in place where the channel can edit.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from broadcaster.models import ComponentState, IncidentStatus, UpdateRequest
 from broadcaster.sandbox import (
     Behaviour,
     FakeChat,
+    FakeDiscord,
+    FakeMastodon,
     FakePds,
+    FakeTeamsWorkflow,
     FakeTelegram,
     SlackWebApi,
     WebhookReceiver,
 )
+from broadcaster.sandbox.mastodon import DEFAULT_TOKEN as MASTODON_TOKEN
 from broadcaster.sandbox.slack import DEFAULT_TOKEN as SLACK_TOKEN
 from broadcaster.views import failures_table, preview_view, progress_table, watch_deliveries
 
@@ -43,6 +49,7 @@ TELEGRAM_CHAT = FakeChat(id=-1001234567890, title="VoltCharge status", username=
 TELEGRAM_TOKEN = "123456:demo-token"
 BLUESKY_HANDLE = "status.voltcharge.example"
 BLUESKY_PASSWORD = "demo-demo-demo-demo"
+CORRECTED = -1  # stands for "the update before this one" in the steps below
 
 
 @dataclass
@@ -53,6 +60,10 @@ class Simulators:
     slack: SlackWebApi
     telegram: FakeTelegram
     bluesky: FakePds
+    mastodon: FakeMastodon
+    discord: FakeDiscord
+    teams: FakeTeamsWorkflow
+    teams_url: str
 
 
 def _write_config(folder: Path, sims: Simulators) -> Path:
@@ -63,7 +74,16 @@ def _write_config(folder: Path, sims: Simulators) -> Path:
         "page_title": "VoltCharge status",
         "timezone": "Europe/Paris",
         "status_page_url": "https://status.voltcharge.example/",
-        "default_channels": ["status-page", "partners", "slack", "telegram", "bluesky"],
+        "default_channels": [
+            "status-page",
+            "partners",
+            "slack",
+            "telegram",
+            "bluesky",
+            "mastodon",
+            "discord",
+            "teams",
+        ],
         "components": {"app": "Mobile app", "api": "Charging API", "website": "Website"},
         "channels": {
             "status-page": {"type": "banner", "languages": ["en", "fr"], "output": "public"},
@@ -99,6 +119,23 @@ def _write_config(folder: Path, sims: Simulators) -> Path:
                 "base_url": sims.bluesky.url,
                 **fast_retries,
             },
+            "mastodon": {
+                "type": "mastodon",
+                "base_url": sims.mastodon.url,
+                "access_token": {"file": "secrets/mastodon-token"},
+                **fast_retries,
+            },
+            "discord": {
+                "type": "discord",
+                "webhook_url": {"file": "secrets/discord-webhook-url"},
+                "username": "VoltCharge status",
+                **fast_retries,
+            },
+            "teams": {
+                "type": "teams",
+                "webhook_url": {"file": "secrets/teams-webhook-url"},
+                **fast_retries,
+            },
         },
     }
     path = folder / "broadcaster.toml"
@@ -114,17 +151,23 @@ def _fresh_folder(folder: Path) -> str:
     for name in ("broadcaster.db", "broadcaster.db-wal", "broadcaster.db-shm"):
         (folder / name).unlink(missing_ok=True)
     (folder / "secrets").mkdir(exist_ok=True)
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def _write_secrets(folder: Path, webhook_secret: str, sims: Simulators) -> None:
+    """What a real deployment keeps out of broadcaster.toml, in owner-only files."""
     for name, value in (
-        ("webhook-secret", secret),
+        ("webhook-secret", webhook_secret),
         ("secrets/slack-token", SLACK_TOKEN),
         ("secrets/telegram-token", TELEGRAM_TOKEN),
         ("secrets/bluesky-app-password", BLUESKY_PASSWORD),
+        ("secrets/mastodon-token", MASTODON_TOKEN),
+        ("secrets/discord-webhook-url", sims.discord.webhook_url),
+        ("secrets/teams-webhook-url", sims.teams_url),
     ):
         path = folder / name
         path.write_text(value)
         os.chmod(path, 0o600)
-    return secret
 
 
 async def run_demo(folder: Path, console: Console) -> None:
@@ -141,7 +184,12 @@ async def run_demo(folder: Path, console: Console) -> None:
             bluesky=await running.enter_async_context(
                 FakePds(handle=BLUESKY_HANDLE, password=BLUESKY_PASSWORD)
             ),
+            mastodon=await running.enter_async_context(FakeMastodon()),
+            discord=await running.enter_async_context(FakeDiscord()),
+            teams=(teams := await running.enter_async_context(FakeTeamsWorkflow())),
+            teams_url=teams.add_workflow(),
         )
+        _write_secrets(folder, secret, sims)
         receiver = sims.receiver
         # A realistic bad day at the receivers' end: the core retries what can be.
         receiver.script("partner-03", Behaviour(status=429, retry_after=1.0, times=1))
@@ -155,7 +203,8 @@ async def run_demo(folder: Path, console: Console) -> None:
             f"simulated receivers at {receiver.url}: partner-03 answers 429 once, partner-07 "
             "503 twice, partner-11 drops the connection once, partner-13 is gone (410); "
             f"Slack at {sims.slack.url}, Telegram at {sims.telegram.url}, Bluesky at "
-            f"{sims.bluesky.url}\n"
+            f"{sims.bluesky.url}, Mastodon at {sims.mastodon.url}, Discord at "
+            f"{sims.discord.url}, Teams at {sims.teams.url}\n"
         )
         async with await Broadcaster.open(settings=settings) as broadcaster:
             now = datetime.now(UTC)
@@ -199,7 +248,27 @@ async def run_demo(folder: Path, console: Console) -> None:
                     ),
                 ),
                 (
-                    "3. Resolved",
+                    "3. Correction of the identified update (the ETA was wrong)",
+                    True,
+                    UpdateRequest(
+                        status=IncidentStatus.IDENTIFIED,
+                        fields={
+                            "summary": "A faulty release of our payment service blocks new "
+                            "charging sessions.",
+                            "summary.fr": "Une version défectueuse de notre service de "
+                            "paiement bloque les nouvelles recharges.",
+                            "eta": "within two hours",
+                            "eta.fr": "d'ici deux heures",
+                            "workaround": "Use the RFID card at the charger.",
+                            "workaround.fr": "Utilisez le badge RFID à la borne.",
+                        },
+                        next_update_at=now + timedelta(minutes=30),
+                        actor="demo",
+                        corrects=CORRECTED,
+                    ),
+                ),
+                (
+                    "4. Resolved",
                     True,
                     UpdateRequest(
                         status=IncidentStatus.RESOLVED,
@@ -213,12 +282,17 @@ async def run_demo(folder: Path, console: Console) -> None:
                 ),
             ]
             incident_id: int | None = None
-            for heading, follow_up, request in steps:
+            update_ids: list[int] = []
+            for heading, follow_up, step in steps:
                 console.print(Rule(heading))
+                request = step
+                if step.corrects is CORRECTED:  # the update published just before
+                    request = step.model_copy(update={"corrects": update_ids[-1]})
                 target = incident_id if follow_up else None
                 console.print(preview_view(await broadcaster.preview(request, target), max_lines=6))
                 result = await broadcaster.publish(request, target)
                 incident_id = result.incident.id
+                update_ids.append(result.update.id)
                 await watch_deliveries(broadcaster, [result.update.id], console)
             assert incident_id is not None
             console.print(Rule("Result"))
@@ -247,15 +321,24 @@ async def run_demo(folder: Path, console: Console) -> None:
 
 
 def _threads(sims: Simulators) -> str:
-    """What the social and chat simulators hold: a first post and its replies each."""
+    """What the social and chat simulators hold: a first post and its replies each, and
+    how many posts the correction edited."""
     slack = sims.slack.messages
-    telegram = sims.telegram.posts.get(TELEGRAM_CHAT.id, {}).values()
+    telegram = list(sims.telegram.posts.get(TELEGRAM_CHAT.id, {}).values())
     bluesky = sims.bluesky.posts
+    mastodon = [p for p in sims.mastodon.posts if not p.deleted]
+    discord = [m for m in sims.discord.messages if not m.deleted]
     return (
         f"Slack #{SLACK_CHANNEL}: {len(slack)} messages, "
         f"{sum(1 for m in slack if m.thread_ts)} in the first one's thread; "
         f"Telegram {TELEGRAM_CHAT.title}: {len(telegram)} messages, "
-        f"{sum(1 for m in telegram if m.reply_to)} replies to the first; "
+        f"{sum(1 for m in telegram if m.reply_to)} replies to the first, "
+        f"{sum(1 for m in telegram if m.edited)} edited; "
         f"Bluesky @{BLUESKY_HANDLE}: {len(bluesky)} posts, "
-        f"{sum(1 for p in bluesky if 'reply' in p.value)} replies"
+        f"{sum(1 for p in bluesky if 'reply' in p.value)} replies; "
+        f"Mastodon: {len(mastodon)} posts, "
+        f"{sum(1 for p in mastodon if p.in_reply_to_id)} replies, "
+        f"{sum(1 for p in mastodon if p.history)} edited; "
+        f"Discord: {len(discord)} messages, {sum(1 for m in discord if m.edited)} edited; "
+        f"Teams: {len(sims.teams.cards)} cards"
     )

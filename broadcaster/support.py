@@ -187,8 +187,7 @@ def telegram_support_channel(broadcaster: Broadcaster, name: str | None) -> str:
         return candidates[0]
     if not candidates:
         raise BroadcasterError(
-            'no telegram channel configured — add one with type = "telegram" and '
-            "support_bot = true"
+            'no telegram channel configured — add one with type = "telegram" and support_bot = true'
         )
     raise BroadcasterError(
         f"several telegram channels ({', '.join(candidates)}) — pick one with --channel"

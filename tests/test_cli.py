@@ -611,11 +611,14 @@ def test_demo_rehearses_an_incident_and_writes_the_status_page(tmp_path: Path) -
     assert "all deliveries of incident #1" in result.stdout
     assert "partner-13" in result.stdout  # the one gone for good, in the failures table
     assert "┘─" not in result.stdout  # each progress table ends its line before the next rule
-    # Slack, Telegram and Bluesky (their real SDKs, local fakes): follow-ups threaded.
+    # Every public channel (real SDKs, local fakes): follow-ups threaded, and the
+    # correction edited the identified post where the channel can edit.
     text = " ".join(result.stdout.split())
     assert "Slack #C0VOLTSTATUS: 3 messages, 2 in the first one's thread" in text
-    assert "VoltCharge status: 3 messages, 2 replies to the first" in text
-    assert "3 posts, 2 replies" in text
+    assert "VoltCharge status: 3 messages, 2 replies to the first, 1 edited" in text
+    assert "voltcharge.example: 4 posts, 3 replies" in text  # Bluesky cannot edit
+    assert "Mastodon: 3 posts, 2 replies, 1 edited" in text
+    assert "Discord: 3 messages, 1 edited; Teams: 4 cards" in text
     assert (folder / "public" / "index.html").is_file()
     assert (folder / "public" / "fr" / "index.html").is_file()
 
