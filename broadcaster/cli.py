@@ -888,6 +888,23 @@ def serve(
     run_local(work)
 
 
+@app.command("telegram-bot")
+def telegram_bot(
+    channel: Annotated[
+        str | None,
+        typer.Option(help="Telegram channel whose bot answers (default: the support_bot one)."),
+    ] = None,
+) -> None:
+    """Answer /status in private chats with a Telegram channel's bot, by long polling."""
+
+    async def work(b: Broadcaster) -> None:
+        from broadcaster.support import run_telegram_bot
+
+        await run_telegram_bot(b, channel)
+
+    run_local(work)
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the store's migrations (done automatically on first use)."""

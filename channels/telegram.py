@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_API = "https://api.telegram.org"
+MAX_MESSAGE_CHARS = 4096  # sendMessage: "1-4096 characters after entities parsing"
 # A chat-family template marks its heading line as *bold* (Slack's mrkdwn); in HTML mode
 # the asterisks would show, so the line becomes <b>…</b>.
 _BOLD_LINE = re.compile(r"\*([^*\n]+)\*")
@@ -142,9 +143,7 @@ class TelegramChannel(Channel):
     """Post through a Telegram bot to each configured chat, one delivery per chat."""
 
     family: ClassVar[ChannelFamily] = ChannelFamily.CHAT
-    limits: ClassVar[ChannelLimits] = ChannelLimits(
-        max_chars=4096  # sendMessage: "1-4096 characters after entities parsing"
-    )
+    limits: ClassVar[ChannelLimits] = ChannelLimits(max_chars=MAX_MESSAGE_CHARS)
     capabilities: ClassVar[Capabilities] = Capabilities(
         threads=True, edits=True, deletes=True, per_recipient=True
     )
@@ -426,7 +425,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 # Only messages: edits, channel posts and the rest are never sent to the bot.
 ALLOWED_UPDATES = ["message"]
 STATUS_COMMANDS = frozenset({"status", "start"})  # /start: what Telegram sends first
-POLL_TIMEOUT_SECONDS = 30.0  # getUpdates long poll ("should be positive, short polling
+POLL_TIMEOUT_SECONDS = 30  # getUpdates long poll ("should be positive, short polling
 # should be used for testing purposes only")
 REPLY_ATTEMPTS = 3
 REPLY_MAX_WAIT_SECONDS = 30.0  # a reply still waiting after this is not worth sending
@@ -478,7 +477,7 @@ def status_reply(state: CurrentState) -> str:
         return more + footer
 
     def fits(parts: list[str]) -> bool:
-        return _shown_length("\n\n".join(parts)) <= TelegramChannel.limits.max_chars
+        return _shown_length("\n\n".join(parts)) <= MAX_MESSAGE_CHARS
 
     pieces = [
         (i.title, _fill(labels["facts"], status=i.status_label, impact=i.impact_label), i.text)
@@ -494,9 +493,7 @@ def status_reply(state: CurrentState) -> str:
         # The first update alone (up to 4,096 characters itself) fills the message.
         title, facts, text = pieces[0]
         rest = tail(len(blocks) - 1)
-        budget = TelegramChannel.limits.max_chars - _shown_length(
-            "\n\n".join([block(title, facts, ""), *rest])
-        )
+        budget = MAX_MESSAGE_CHARS - _shown_length("\n\n".join([block(title, facts, ""), *rest]))
         while budget > 0 and not fits([block(title, facts, truncate(text, budget)), *rest]):
             budget -= 16
         shown = [block(title, facts, truncate(text, budget) if budget > 0 else "")]
@@ -660,7 +657,7 @@ class TelegramSupportBot(InboundEndpoint):
 
     # -- polling mode ---------------------------------------------------------------------------
 
-    async def poll(self, stop: asyncio.Event, *, timeout: float = POLL_TIMEOUT_SECONDS) -> None:
+    async def poll(self, stop: asyncio.Event, *, timeout: int = POLL_TIMEOUT_SECONDS) -> None:
         """Long-poll getUpdates and answer until `stop` is set (after deleteWebhook:
         Telegram refuses getUpdates while a webhook is set). Network errors, 5xx and
         flood control wait (backoff, or Telegram's delay) and retry; a refused token, or
@@ -750,7 +747,9 @@ class TelegramSupportBot(InboundEndpoint):
     def _backoff(self, failures: int) -> float:
         """Exponential from the channel's backoff_seconds, capped at a minute, jittered."""
         config = self.channel.config
-        ceiling = min(config.backoff_seconds * 2 ** (failures - 1), config.backoff_max_seconds, 60)
+        ceiling = min(
+            config.backoff_seconds * 2.0 ** (failures - 1), config.backoff_max_seconds, 60.0
+        )
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def _spawn(self, reply: Awaitable[None]) -> None:

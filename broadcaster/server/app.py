@@ -27,6 +27,7 @@ from broadcaster.errors import BroadcasterError
 from broadcaster.server.api import api_router, broadcaster_error
 from broadcaster.server.heartbeat import beat_while_ready
 from broadcaster.server.hooks import bearer_matches, hooks_router
+from broadcaster.server.inbound import InboundEndpoints, inbound_router
 from broadcaster.server.limits import PerIpRateLimit
 from broadcaster.server.live_site import LiveSite
 from broadcaster.server.metrics import Metrics
@@ -39,12 +40,14 @@ _PUBLIC_HEADERS = {"Cache-Control": CACHE_CONTROL, "Access-Control-Allow-Origin"
 def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
     """The app; with `dispatch`, it also drives deliveries while it runs."""
     site = LiveSite(broadcaster)
+    inbound = InboundEndpoints(broadcaster)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
         worker = asyncio.create_task(broadcaster.dispatch_until(stop)) if dispatch else None
         heartbeat = asyncio.create_task(beat_while_ready(broadcaster, stop))
+        inbound.start()  # registers webhooks (Telegram's support bot) in the background
         try:
             yield
         finally:
@@ -55,6 +58,7 @@ def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
                 await worker
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            await inbound.close()
 
     app = FastAPI(
         title="incident-broadcaster",
@@ -68,6 +72,9 @@ def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
     hooks = hooks_router(broadcaster)
     app.include_router(hooks)
     app.include_router(api_router(broadcaster))
+    app.include_router(
+        inbound_router(inbound, max_body_bytes=broadcaster.settings.hooks.max_body_bytes)
+    )
     metrics = Metrics(broadcaster)
     hook_sources = {
         route.path.removeprefix("/hooks/") for route in hooks.routes if isinstance(route, APIRoute)

@@ -29,6 +29,8 @@ UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # ordinary mistake, a wrong token is not. Subscribe forms belong here too.
 INBOUND_REFUSALS = {
     "/hooks/": frozenset({400, 401, 403, 404, 405, 413, 422}),
+    # Provider callbacks (Telegram's support bot): a wrong secret is refused like a hook's.
+    "/inbound/": frozenset({400, 401, 403, 404, 405, 413, 422}),
     "/v1/": frozenset({401, 403}),
 }
 
