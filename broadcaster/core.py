@@ -232,7 +232,10 @@ class Broadcaster:
         if not failures:
             for channel in self._channels_for(request):
                 render, problems = self._render(template, channel, context)
-                render.facts = {**facts, "labels": self._fact_labels(channel.languages, facts)}
+                render.facts = {
+                    **facts,
+                    "labels": self._fact_labels(channel.languages, facts, request.fields),
+                }
                 renders.append(render)
                 failures.extend(problems)
                 plans[channel.name] = ChannelPlan(
@@ -271,22 +274,24 @@ class Broadcaster:
                 f"update #{update_id} was cancelled or retracted: publish a new update instead"
             )
 
-    def _fact_labels(self, languages: list[str], facts: dict[str, Any]) -> dict[str, Any]:
+    def _fact_labels(
+        self, languages: list[str], facts: dict[str, Any], fields: dict[str, str]
+    ) -> dict[str, Any]:
         """The facts as a channel shows them in each of its languages (your `_labels`
-        overrides included): headings, status, impact, components by display name."""
+        overrides included): headings, status, impact, components by display name, and
+        the ETA field in that language."""
         library, names = self.library, self.settings.components
+        headings = ("status", "impact", "components", "eta", "next_update", "status_page")
         return {
             language: {
-                "headings": {
-                    key: library.label(key, language, "heading")
-                    for key in ("status", "impact", "components", "next_update")
-                },
+                "headings": {key: library.label(key, language, "heading") for key in headings},
                 "status": library.label(facts["status"], language, "status"),
                 "impact": library.label(facts["impact"], language, "impact"),
                 "components": {
                     names.get(name, name): library.label(state, language, "component_state")
                     for name, state in facts["components"].items()
                 },
+                "eta": fields.get(f"eta.{language}") or fields.get("eta"),
             }
             for language in languages
         }

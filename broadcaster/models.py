@@ -282,6 +282,23 @@ class ChannelRender(BaseModel):
                 return v
         return self.variants[0]
 
+    def fact_rows(self, language: str) -> list[tuple[str, str, Any]]:
+        """(key, heading, value) of the facts a chat card shows beside the text, in the
+        words the core chose for `language` (`facts["labels"]`): status, impact,
+        components (display name -> state), ETA, next update (an ISO time)."""
+        labels = self.facts.get("labels", {}).get(language)
+        if not labels:
+            return []
+        heading = labels["headings"]
+        rows = [(key, heading[key], labels[key]) for key in ("status", "impact") if labels[key]]
+        if labels["components"]:
+            rows.append(("components", heading["components"], labels["components"]))
+        if labels.get("eta"):
+            rows.append(("eta", heading["eta"], labels["eta"]))
+        if self.facts.get("next_update_at"):
+            rows.append(("next_update", heading["next_update"], self.facts["next_update_at"]))
+        return rows
+
 
 class CheckFailure(BaseModel):
     """A rule an update broke, said so that a person can fix it."""

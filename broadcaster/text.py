@@ -20,6 +20,7 @@ __all__ = [
     "find_links",
     "grapheme_count",
     "grapheme_count_with_links",
+    "heading_words",
     "link_problems",
     "measure_sms",
     "sms_encoding",
@@ -29,6 +30,16 @@ __all__ = [
 ]
 
 _GRAPHEME = regex.compile(r"\X")
+# A chat-family template marks its heading line *like this* (Slack's mrkdwn bold); the
+# title inside may hold asterisks of its own.
+_HEADING_LINE = regex.compile(r"\*([^\n]+)\*")
+
+
+def heading_words(line: str) -> str | None:
+    """The words of a chat template's `*heading*` line, or None for any other line; each
+    chat adapter shows them in its own bold (HTML, Markdown, a card's weight)."""
+    match = _HEADING_LINE.fullmatch(line)
+    return match[1] if match else None
 
 
 def split_graphemes(text: str) -> list[str]:

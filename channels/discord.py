@@ -38,7 +38,7 @@ from broadcaster.models import (
     RateLimit,
     Receipt,
 )
-from broadcaster.text import find_links
+from broadcaster.text import find_links, heading_words
 from channels.base import (
     ChannelBrokenError,
     ChannelConfig,
@@ -80,9 +80,6 @@ FIX_URL = "copy the webhook URL again from Server Settings → Integrations → 
 # `https://discord.com/api/webhooks/<id>/<token>` (also `/api/v10/…`, ptb./canary. hosts).
 _WEBHOOK_PATH = re.compile(r"(?P<root>.*)/webhooks/(?P<id>[0-9]+)/(?P<token>[A-Za-z0-9_.-]+)/?")
 _SNOWFLAKE = re.compile(r"[0-9]{1,20}")
-# The chat templates mark their heading line as *bold* (Slack's mrkdwn); in Discord a
-# single asterisk is italics, so the line becomes **bold**.
-_HEADING_LINE = re.compile(r"\*([^\n]+)\*")
 # Characters Discord's markdown gives a meaning to anywhere in a line: emphasis (* _),
 # strike (~~), spoiler (||), code (`), masked links ([text](url)), mentions, channels,
 # custom emoji and timestamps (<@…> <#…> <:…:…> <t:…>), and the escape itself (\).
@@ -186,8 +183,9 @@ def discord_markdown(text: str) -> str:
     without preview, a `*heading*` line in bold. Never more than twice as long."""
     lines = []
     for line in text.split("\n"):
-        heading = _HEADING_LINE.fullmatch(line)
-        lines.append(f"**{_escape_line(heading[1])}**" if heading else _escape_line(line))
+        # A single asterisk is italics in Discord: the heading becomes **bold**.
+        heading = heading_words(line)
+        lines.append(f"**{_escape_line(heading)}**" if heading else _escape_line(line))
     return "\n".join(lines)
 
 

@@ -124,26 +124,19 @@ def _next_update(value: str) -> str:
     return f"<!date^{int(when.timestamp())}^{{date_short_pretty}} {{time}}|{fallback}>"
 
 
-def _fact_fields(facts: Mapping[str, Any], language: str) -> list[dict[str, Any]]:
-    """Status, impact, components and next update as Block Kit section fields, in the
-    words the core chose for `language` (`facts["labels"]`)."""
-    labels = facts.get("labels", {}).get(language)
-    if not labels:
-        return []
-    heading = labels["headings"]
-    fields = [
-        f"*{heading[key]}*\n{escape_mrkdwn(labels[key])}"
-        for key in ("status", "impact")
-        if labels.get(key)
-    ]
-    if labels["components"]:
-        listed = "\n".join(
-            f"{escape_mrkdwn(name)}: {escape_mrkdwn(state)}"
-            for name, state in labels["components"].items()
-        )
-        fields.append(f"*{heading['components']}*\n{listed}")
-    if facts.get("next_update_at"):
-        fields.append(f"*{heading['next_update']}*\n{_next_update(str(facts['next_update_at']))}")
+def _fact_fields(render: ChannelRender, language: str) -> list[dict[str, Any]]:
+    """Status, impact, components, ETA and next update as Block Kit section fields."""
+    fields = []
+    for key, heading, value in render.fact_rows(language):
+        if key == "components":
+            shown = "\n".join(
+                f"{escape_mrkdwn(name)}: {escape_mrkdwn(state)}" for name, state in value.items()
+            )
+        elif key == "next_update":
+            shown = _next_update(str(value))
+        else:
+            shown = escape_mrkdwn(str(value))
+        fields.append(f"*{heading}*\n{shown}")
     # Block Kit: a field's text holds at most 2,000 characters.
     return [{"type": "mrkdwn", "text": field[:2000]} for field in fields]
 
@@ -152,7 +145,8 @@ def slack_blocks(render: ChannelRender) -> tuple[list[dict[str, Any]], str]:
     """The Block Kit blocks and the plain-text fallback (`text`) of one update.
 
     Header: the title; a section per language with the rendered chat text as mrkdwn;
-    then status, impact, components and next update as fields when the update has them."""
+    then status, impact, components, ETA and next update as fields when the update has
+    them."""
     blocks: list[dict[str, Any]] = []
     title = str(render.facts.get("title") or "").strip()
     if title:
@@ -162,7 +156,7 @@ def slack_blocks(render: ChannelRender) -> tuple[list[dict[str, Any]], str]:
     for variant in render.variants if render.joined else render.variants[:1]:
         for piece in _split_section(escape_mrkdwn(variant.text)):
             blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": piece}})
-    fields = _fact_fields(render.facts, render.variants[0].language)
+    fields = _fact_fields(render, render.variants[0].language)
     if fields:
         blocks.append({"type": "section", "fields": fields})
     # Notifications, screen readers and old clients show `text`; it is mrkdwn too.

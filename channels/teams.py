@@ -38,6 +38,7 @@ from broadcaster.models import (
     RateLimit,
     Receipt,
 )
+from broadcaster.text import heading_words
 from channels.base import (
     ChannelBrokenError,
     ChannelConfig,
@@ -73,9 +74,6 @@ MAX_TEXT_CHARS = 4000
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 RETIRED_CONNECTOR_HOSTS = ("webhook.office.com", "outlook.office.com", "outlook.office365.com")
 
-# A chat-family template marks its heading line as *bold* (Slack's mrkdwn); in Teams
-# `*text*` is italic on some clients and literal on others.
-_BOLD_LINE = re.compile(r"\*([^*\n]+)\*")
 _MASKED_LINK = re.compile(r"\[([^\]\n]*)\]\(([^()\s]+)\)")
 
 
@@ -134,9 +132,9 @@ def _text_blocks(text: str) -> list[dict[str, Any]]:
             new_paragraph = True
             continue
         block: dict[str, Any] = {"type": "TextBlock", "text": "", "wrap": True}
-        bold = _BOLD_LINE.fullmatch(line)
-        if bold:
-            block["text"] = _plain_link_targets(bold[1])
+        heading = heading_words(line)
+        if heading:
+            block["text"] = _plain_link_targets(heading)
             block["weight"] = "Bolder"
         else:
             block["text"] = _plain_link_targets(line)
@@ -153,26 +151,18 @@ def _when(value: str) -> str:
     return when.strftime("%Y-%m-%d %H:%M %Z").strip()
 
 
-def _fact_set(facts: Mapping[str, Any], language: str) -> dict[str, Any] | None:
-    """Status, impact, components and next update, in the words the core chose for
-    `language` (`facts["labels"]`), as Slack shows them in its fields."""
-    labels = facts.get("labels", {}).get(language)
-    if not labels:
-        return None
-    heading = labels["headings"]
-    rows = [
-        {"title": heading[key], "value": _plain_link_targets(labels[key])}
-        for key in ("status", "impact")
-        if labels.get(key)
-    ]
-    if labels["components"]:
-        listed = ", ".join(f"{name}: {state}" for name, state in labels["components"].items())
-        rows.append({"title": heading["components"], "value": _plain_link_targets(listed)})
-    # An ETA fact appears once the core provides one (facts["eta"], headings["eta"]).
-    if facts.get("eta") and heading.get("eta"):
-        rows.append({"title": heading["eta"], "value": _when(str(facts["eta"]))})
-    if facts.get("next_update_at"):
-        rows.append({"title": heading["next_update"], "value": _when(str(facts["next_update_at"]))})
+def _fact_set(render: ChannelRender, language: str) -> dict[str, Any] | None:
+    """Status, impact, components, ETA and next update, as Slack shows them in its
+    fields."""
+    rows = []
+    for key, heading, value in render.fact_rows(language):
+        if key == "components":
+            shown = ", ".join(f"{name}: {state}" for name, state in value.items())
+        elif key == "next_update":
+            shown = _when(str(value))
+        else:
+            shown = str(value)
+        rows.append({"title": heading, "value": _plain_link_targets(shown)})
     return {"type": "FactSet", "facts": rows} if rows else None
 
 
@@ -183,8 +173,7 @@ def _status_page_action(facts: Mapping[str, Any], language: str) -> dict[str, An
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
     headings = (facts.get("labels", {}).get(language) or {}).get("headings", {})
-    # The core has no localized "Status page" words yet: the host needs no translation.
-    title = headings.get("status_page") or parts.hostname
+    title = headings.get("status_page") or parts.hostname  # labels from before 0.1: none
     return {"type": "Action.OpenUrl", "title": title, "url": url}
 
 
@@ -210,7 +199,7 @@ def adaptive_card(render: ChannelRender) -> dict[str, Any]:
             blocks[0] = {**blocks[0], "separator": True, "spacing": "Medium"}
         body.extend(blocks)
     language = render.variants[0].language if render.variants else "en"
-    facts = _fact_set(render.facts, language)
+    facts = _fact_set(render, language)
     if facts:
         body.append(facts)
     card: dict[str, Any] = {

@@ -458,13 +458,16 @@ def help_reply(labels: Mapping[str, str]) -> str:
 def status_reply(state: CurrentState) -> str:
     """`/status` as Bot API HTML: each open incident (title in bold; status and impact;
     the latest update's text as the channel showed it), or the all-clear; then the status
-    page. Incidents that do not fit one message are counted, not cut."""
+    page unless the text links it. Incidents that do not fit one message are counted,
+    not cut (only a first one filling the message alone is shortened)."""
     from broadcaster.text import truncate
 
     labels = state.labels
+    url = state.status_page_url
     footer = []
-    if state.status_page_url:
-        footer.append(_escape(_fill(labels["status_page"], url=state.status_page_url)))
+    # The updates' own text usually ends with the link already: not twice.
+    if url and not any(url in incident.text for incident in state.incidents):
+        footer.append(_escape(_fill(labels["status_page"], url=url)))
     if not state.incidents:
         return "\n\n".join([_escape(labels["all_clear"]), *footer])
 

@@ -282,3 +282,23 @@ async def test_edit_and_delete_a_post(
             await channel.edit(ts, message)
     finally:
         await channel.close()
+
+
+async def test_eta_field_is_shown_in_each_language_words(
+    slack: SlackWebApi, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster({"slack": slack_channel(slack, ["C0STATUS"], languages=["fr"])})
+    request = UpdateRequest(
+        status=IncidentStatus.IDENTIFIED,
+        title="Paiements refusés",
+        fields={
+            "summary": "Un certificat a expiré",
+            "eta": "within the hour",
+            "eta.fr": "d'ici 15 h",
+        },
+        actor="test",
+    )
+    await publish_and_wait(b, request)
+    (post,) = [c for c in slack.calls_to("chat.postMessage") if c.ok]
+    fields = [f["text"] for f in post.params["blocks"][-1]["fields"]]
+    assert "*Rétablissement prévu*\nd'ici 15 h" in fields

@@ -155,7 +155,7 @@ async def test_the_card_is_exactly_what_the_workflow_receives(
                     "actions": [
                         {
                             "type": "Action.OpenUrl",
-                            "title": "status.example.com",
+                            "title": "Page de statut",
                             "url": "https://status.example.com",
                         }
                     ],

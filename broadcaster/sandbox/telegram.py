@@ -1,13 +1,20 @@
 """A fake Telegram Bot API on 127.0.0.1, for `broadcaster demo`, drills and tests.
 
 It answers the methods the Telegram adapter calls — `getMe`, `sendMessage`,
-`editMessageText`, `deleteMessage` — at `/bot<token>/<method>`, reading the
+`editMessageText`, `deleteMessage`, and for the support bot `getUpdates` (a long poll
+with offset and timeout; 409 while a webhook is set), `setWebhook`, `deleteWebhook`,
+`getWebhookInfo` — at `/bot<token>/<method>`, reading the
 form-encoded bodies python-telegram-bot sends (nested objects such as
 `reply_parameters` arrive as JSON strings) or JSON bodies. Errors have the Bot API's
 shape, `{"ok": false, "error_code": 429, "description": …, "parameters": {"retry_after": N}}`:
 401 for a wrong token, 400 "chat not found", 403 "bot was kicked", `migrate_to_chat_id`
 for a group upgraded to a supergroup. HTML text is parsed the way Telegram does (a bare
 `<` or `&` is refused) and its length checked after parsing. Every call is recorded.
+
+Users talk to the bot through `user_says(chat_id, text, language_code=…)`, which queues
+a message update: `getUpdates` returns it, or `deliver_webhook()` POSTs it to the
+registered webhook with its `X-Telegram-Bot-Api-Secret-Token`, as Telegram does (a
+method in the webhook's answer is run, too).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +43,16 @@ _TAGS = "b|strong|i|em|u|ins|s|strike|del|span|tg-spoiler|a|tg-emoji|code|pre|bl
 _TAG = re.compile(rf"</?(?:{_TAGS})(?:\s[^<>]*)?>")
 _ENTITY = re.compile(r"&(?:lt|gt|amp|quot|#[0-9]+|#x[0-9a-fA-F]+);")
 # Nested objects arrive as JSON strings in a form-encoded body.
-_JSON_FIELDS = ("reply_parameters", "reply_markup", "entities", "link_preview_options")
+_JSON_FIELDS = (
+    "reply_parameters",
+    "reply_markup",
+    "entities",
+    "link_preview_options",
+    "allowed_updates",
+)
+# setWebhook's secret_token: "1-256 characters. Only characters A-Z, a-z, 0-9, _ and -".
+_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 
 class BotApiFault(BaseModel):
@@ -84,6 +102,11 @@ class BotApiCall:
     at: float
     status: int = 200
     answer: dict[str, Any] = field(default_factory=dict)
+
+
+def _flag(value: Any) -> bool:
+    """A boolean parameter, as JSON (true) or a form field ("True", "true")."""
+    return value is True or str(value).lower() == "true"
 
 
 class _ApiError(Exception):
@@ -152,6 +175,12 @@ class FakeTelegram(SimulatorServer):
         self.calls: list[BotApiCall] = []
         self._faults: dict[str, deque[list[Any]]] = {}  # method -> [fault, calls left]
         self._next_id: dict[int, int] = {}
+        # Incoming updates not yet confirmed (by a later getUpdates offset or a webhook's 2xx).
+        self.updates: list[dict[str, Any]] = []
+        self.webhook: dict[str, Any] | None = None  # url, secret_token, allowed_updates
+        self.webhook_error: str | None = None  # the last failed push, as getWebhookInfo says
+        self._next_update_id = 100_000
+        self._arrived = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -176,6 +205,99 @@ class FakeTelegram(SimulatorServer):
     def calls_of(self, method: str) -> list[BotApiCall]:
         return [c for c in self.calls if c.method == method]
 
+    def user_says(
+        self,
+        chat_id: int,
+        text: str,
+        language_code: str | None = "fr",
+        *,
+        user_id: int | None = None,
+        first_name: str = "Ann",
+    ) -> dict[str, Any]:
+        """Queue a message to the bot from a user, in a private chat (a positive
+        `chat_id`, created if new) or in a group the fake knows; returns the update."""
+        chat = self.chats.get(chat_id)
+        if chat is None:
+            kind = "private" if chat_id > 0 else "supergroup"
+            chat = self.add_chat(FakeChat(chat_id, type=kind, title=first_name))
+        sender: dict[str, Any] = {
+            "id": user_id if user_id is not None else (chat_id if chat_id > 0 else 777),
+            "is_bot": False,
+            "first_name": first_name,
+        }
+        if language_code is not None:
+            sender["language_code"] = language_code
+        message_id = self._next_id.get(chat.id, 0) + 1
+        self._next_id[chat.id] = message_id
+        chat_json: dict[str, Any] = {"id": chat.id, "type": chat.type}
+        if chat.type == "private":
+            chat_json["first_name"] = first_name
+        elif chat.title:
+            chat_json["title"] = chat.title
+        message: dict[str, Any] = {
+            "message_id": message_id,
+            "from": sender,
+            "chat": chat_json,
+            "date": int(time.time()),
+            "text": text,
+        }
+        if text.startswith("/"):
+            command = text.split(maxsplit=1)[0]
+            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
+        self._next_update_id += 1
+        update = {"update_id": self._next_update_id, "message": message}
+        self.updates.append(update)
+        self._wake()
+        return update
+
+    def _wake(self) -> None:
+        """Wake a waiting getUpdates, from the fake's own loop or another thread."""
+        loop = self._thread_loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._arrived.set)
+        else:
+            self._arrived.set()
+
+    async def deliver_webhook(self) -> list[int]:
+        """POST each pending update to the webhook, in order, as Telegram does: with the
+        secret token header; a 2xx confirms it (and a `method` in the answer is run),
+        anything else leaves it pending. Returns the HTTP statuses."""
+        if self.webhook is None:
+            raise RuntimeError("no webhook is set: call setWebhook first")
+        url, secret = self.webhook["url"], self.webhook.get("secret_token")
+        headers = {SECRET_HEADER: secret} if secret else {}
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            for update in list(self.updates):
+                async with session.post(url, json=update, headers=headers) as response:
+                    body = await response.read()
+                    statuses.append(response.status)
+                if response.status >= 300:
+                    self.webhook_error = f"Wrong response from the webhook: {response.status}"
+                    continue
+                self.updates.remove(update)
+                self._run_webhook_answer(body, response.content_type)
+        return statuses
+
+    def _run_webhook_answer(self, body: bytes, content_type: str) -> None:
+        """Telegram runs a Bot API method given in a webhook's answer."""
+        if content_type != "application/json" or not body:
+            return
+        try:
+            params = json.loads(body)
+        except ValueError:
+            return
+        if not isinstance(params, dict) or not isinstance(params.get("method"), str):
+            return
+        method = params.pop("method")
+        call = BotApiCall(method, params, "webhook-answer", time.monotonic())
+        self.calls.append(call)
+        try:
+            call.answer = {"ok": True, "result": self._call(method, params)}
+        except _ApiError as error:
+            call.status = error.code
+            call.answer = {"ok": False, "error_code": error.code, "description": error.description}
+
     # --- the API -----------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -192,7 +314,10 @@ class FakeTelegram(SimulatorServer):
             if request.match_info["token"] != self.token:
                 raise _ApiError(401, "Unauthorized")
             await self._scripted(method)
-            result = self._call(method, params)
+            if method == "getUpdates":
+                result: Any = await self._get_updates(params)
+            else:
+                result = self._call(method, params)
             answer: dict[str, Any] = {"ok": True, "result": result}
         except _ApiError as error:
             answer = {"ok": False, "error_code": error.code, "description": error.description}
@@ -248,7 +373,75 @@ class FakeTelegram(SimulatorServer):
             post = self._post(params, "delete")
             del self.posts[post.chat_id][post.message_id]
             return True
+        if method == "setWebhook":
+            return self._set_webhook(params)
+        if method == "deleteWebhook":
+            self.webhook = None
+            if _flag(params.get("drop_pending_updates")):
+                self.updates.clear()
+            return True
+        if method == "getWebhookInfo":
+            info: dict[str, Any] = {
+                "url": self.webhook["url"] if self.webhook else "",
+                "has_custom_certificate": False,
+                "pending_update_count": len(self.updates),
+            }
+            if self.webhook and self.webhook.get("allowed_updates") is not None:
+                info["allowed_updates"] = self.webhook["allowed_updates"]
+            if self.webhook and self.webhook_error:
+                info["last_error_date"] = int(time.time())
+                info["last_error_message"] = self.webhook_error
+            return info
         raise _ApiError(404, "Not Found")
+
+    def _set_webhook(self, params: dict[str, Any]) -> bool:
+        url = str(params.get("url", ""))
+        if not url:  # "Use an empty string to remove webhook integration"
+            self.webhook = None
+            return True
+        parts = urlsplit(url)
+        # Telegram needs HTTPS; the sandbox also takes plain HTTP to the loopback.
+        if parts.scheme != "https" and not (
+            parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+        ):
+            raise _ApiError(
+                400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook"
+            )
+        secret = params.get("secret_token")
+        if secret is not None and not _SECRET_TOKEN.fullmatch(str(secret)):
+            raise _ApiError(400, "Bad Request: secret token contains unallowed characters")
+        if _flag(params.get("drop_pending_updates")):
+            self.updates.clear()
+        self.webhook = {
+            "url": url,
+            "secret_token": secret,
+            "allowed_updates": params.get("allowed_updates"),
+        }
+        self.webhook_error = None
+        return True
+
+    async def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Confirm updates below `offset`, then return the pending ones, waiting up to
+        `timeout` seconds for one to arrive (a long poll)."""
+        if self.webhook is not None:
+            raise _ApiError(
+                409,
+                "Conflict: can't use getUpdates method while webhook is active; use "
+                "deleteWebhook to delete the webhook first",
+            )
+        offset = int(params.get("offset") or 0)
+        limit = int(params.get("limit") or 100)
+        timeout = float(params.get("timeout") or 0)
+        if offset > 0:
+            self.updates = [u for u in self.updates if u["update_id"] >= offset]
+        deadline = time.monotonic() + timeout
+        while not self.updates and (left := deadline - time.monotonic()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                break
+        return self.updates[:limit]
 
     def _chat(self, value: Any) -> FakeChat:
         text = str(value or "")
