@@ -51,5 +51,10 @@ class PermanentError(DeliveryError):
     """This recipient will never accept this message (invalid number, unsubscribed, 4xx)."""
 
 
+class PostGoneError(PermanentError):
+    """The post to edit, delete or reply to is no longer there (deleted by hand, expired).
+    A retraction counts it as deleted; a correction posts anew."""
+
+
 class ChannelBrokenError(DeliveryError):
     """The whole channel is unusable (bad credentials): stop it, keep its deliveries queued."""

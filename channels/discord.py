@@ -47,6 +47,7 @@ from channels.base import (
     HttpChannel,
     Message,
     PermanentError,
+    PostGoneError,
     Recipient,
     SecretRef,
     TransientError,
@@ -56,7 +57,6 @@ from channels.base import (
 __all__ = [
     "DiscordChannel",
     "DiscordConfig",
-    "MessageGoneError",
     "classify_discord_response",
     "discord_markdown",
     "discord_message",
@@ -87,10 +87,6 @@ _INLINE_MARKUP = re.compile(r"([\\*_~`|\[<])")
 # At a line's start: headings (# ## ###), subtext (-#), quotes (> >>>), lists (- + 1.).
 _LINE_START_MARKUP = re.compile(r"^(\s*)([#>+-])")
 _NUMBERED_ITEM = re.compile(r"^(\s*[0-9]+)\.(?=\s|$)")
-
-
-class MessageGoneError(PermanentError):
-    """The message to edit or delete is no longer there (10008 Unknown Message)."""
 
 
 class DiscordConfig(ChannelConfig):
@@ -269,7 +265,7 @@ def classify_discord_response(
     if status == 403:
         return ChannelBrokenError(f"{what}: Discord refused the webhook ({said})")
     if code == UNKNOWN_MESSAGE:
-        return MessageGoneError(f"{what}: Discord {said}")
+        return PostGoneError(f"{what}: Discord {said}")
     detail = _form_error(data.get("errors"))
     return PermanentError(f"{what}: Discord {said}" + (f" ({detail})" if detail else ""))
 
@@ -419,10 +415,7 @@ class DiscordChannel(HttpChannel):
         """Delete a message (Delete Webhook Message); one already gone counts as deleted."""
         webhook = self._webhook_or_broken()
         url = self._url(webhook, f"/messages/{provider_id}", thread_id=self.config.thread_id)
-        try:
-            await self._request("DELETE", url, what=self.name)
-        except MessageGoneError:
-            return
+        await self._request("DELETE", url, what=self.name)
 
     async def check_config(self) -> list[str]:
         """The webhook URL is there, is a webhook URL, and Discord knows it (GET webhook)."""

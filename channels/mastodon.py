@@ -35,6 +35,7 @@ from channels.base import (
     DeliveryError,
     Message,
     PermanentError,
+    PostGoneError,
     Recipient,
     SecretRef,
     TransientError,
@@ -62,10 +63,6 @@ class MastodonConfig(ChannelConfig):
     visibility: Literal["public", "unlisted"] = Field(
         default="public", description="unlisted: kept off the public timelines"
     )
-
-
-class StatusNotFoundError(PermanentError):
-    """HTTP 404: the status (or the one replied to) does not exist, or no longer."""
 
 
 def classify_mastodon_error(
@@ -104,7 +101,7 @@ def classify_mastodon_error(
             )
             return ChannelBrokenError(f"{said} — {hint}")
         if status == 404:
-            return StatusNotFoundError(said)
+            return PostGoneError(said)
         return type(decided)(said)
     if isinstance(exc, MastodonIllegalArgumentError):
         return PermanentError(f"{what}: {exc}")
@@ -203,13 +200,10 @@ class MastodonChannel(Channel):
         return receipt_of(status)
 
     async def delete(self, provider_id: str, recipient: Recipient) -> None:
-        """Delete a status; one already gone counts as deleted."""
-        try:
-            await self._call(
-                f"{self.name}: delete {provider_id}", lambda api: api.status_delete(provider_id)
-            )
-        except StatusNotFoundError:
-            return
+        """Delete a status (one already gone: `PostGoneError`)."""
+        await self._call(
+            f"{self.name}: delete {provider_id}", lambda api: api.status_delete(provider_id)
+        )
 
     async def check_config(self) -> list[str]:
         problems = await super().check_config()

@@ -31,6 +31,7 @@ from channels.base import (
     DeliveryError,
     Message,
     PermanentError,
+    PostGoneError,
     Recipient,
     SecretRef,
     TransientError,
@@ -193,6 +194,8 @@ def classify_slack_error(exc: BaseException, what: str) -> DeliveryError:
             return ChannelBrokenError(f"{what}: Slack refused the token ({error})")
         if error in TRANSIENT_ERRORS or status >= 500:
             return TransientError(f"{what}: Slack {error or f'HTTP {status}'}")
+        if error == "message_not_found":
+            return PostGoneError(f"{what}: Slack {error}")
         if error:
             return PermanentError(f"{what}: Slack {error}")
         return classify_http_status(status, retry_after, what)
@@ -347,10 +350,7 @@ class SlackChannel(Channel):
         try:
             await client.chat_delete(channel=recipient.id, ts=provider_id)
         except Exception as exc:
-            error = classify_slack_error(exc, f"{self.name} → {recipient.id}")
-            if isinstance(error, PermanentError) and "message_not_found" in str(error):
-                return
-            raise error from exc
+            raise classify_slack_error(exc, f"{self.name} → {recipient.id}") from exc
 
     async def check_config(self) -> list[str]:
         problems = await super().check_config()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from broadcaster.core import Broadcaster, PublishResult
-from broadcaster.errors import ChannelBrokenError, PermanentError, TransientError
+from broadcaster.errors import ChannelBrokenError, PermanentError, PostGoneError, TransientError
 from broadcaster.models import ChannelProgress, DeliveryState, IncidentStatus, UpdateRequest
 from broadcaster.sandbox.mastodon import (
     DELETE_STATUS,
@@ -22,7 +22,7 @@ from broadcaster.sandbox.mastodon import (
     countable_length,
 )
 from channels.base import Message, Recipient
-from channels.mastodon import MastodonChannel, StatusNotFoundError, classify_mastodon_error
+from channels.mastodon import MastodonChannel, classify_mastodon_error
 from tests.conftest import MakeBroadcaster
 
 TOKEN = "mastodon-test-token-0123456789"
@@ -292,9 +292,10 @@ async def test_edit_and_delete_a_status(
 
         await channel.delete(status_id, Recipient(id=""))
         assert fake.posts == []
-        await channel.delete(status_id, Recipient(id=""))  # already gone: still deleted
+        with pytest.raises(PostGoneError):  # already gone: a retraction counts it done
+            await channel.delete(status_id, Recipient(id=""))
         assert [c.status for c in fake.calls_to(DELETE_STATUS)] == [200, 404]
-        with pytest.raises(StatusNotFoundError, match="HTTP 404 Record not found"):
+        with pytest.raises(PostGoneError, match="HTTP 404 Record not found"):
             await channel.edit(status_id, message)
         assert [c.status for c in fake.calls_to(EDIT_STATUS)] == [200, 404]
     finally:
@@ -320,7 +321,7 @@ def _api_error(cls_name: str, status: int, error: str | None) -> Exception:
             ChannelBrokenError,
         ),
         ("MastodonAPIError", 403, "Your login is currently disabled", ChannelBrokenError),
-        ("MastodonNotFoundError", 404, "Record not found", StatusNotFoundError),
+        ("MastodonNotFoundError", 404, "Record not found", PostGoneError),
         ("MastodonAPIError", 422, "Validation failed: Text can't be blank", PermanentError),
         ("MastodonAPIError", 408, None, TransientError),
         ("MastodonInternalServerError", 500, None, TransientError),

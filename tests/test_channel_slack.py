@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from broadcaster.core import Broadcaster, PublishResult
-from broadcaster.errors import PermanentError
+from broadcaster.errors import PermanentError, PostGoneError
 from broadcaster.models import (
     ChannelProgress,
     ComponentState,
@@ -277,7 +277,8 @@ async def test_edit_and_delete_a_post(
 
         await channel.delete(ts, Recipient(id="C0STATUS"))
         assert slack.message("C0STATUS", ts) is None
-        await channel.delete(ts, Recipient(id="C0STATUS"))  # already gone: still deleted
+        with pytest.raises(PostGoneError, match="message_not_found"):  # counted as deleted
+            await channel.delete(ts, Recipient(id="C0STATUS"))
         with pytest.raises(PermanentError, match="message_not_found"):
             await channel.edit(ts, message)
     finally:

@@ -316,3 +316,32 @@ async def test_a_delete_the_provider_refuses_fails_with_its_reason(
     )
     assert "cant_delete_message" in (failed.last_error or "")
     assert counts(progress, "tg", DeliveryAction.DELETE) == {DeliveryState.DELIVERED: 1}
+
+
+async def test_a_post_deleted_by_hand_is_posted_anew_by_a_correction_and_counts_as_retracted(
+    b: Broadcaster, slack: SlackWebApi
+) -> None:
+    incident, first, _ = await publish(
+        b, request(IncidentStatus.INVESTIGATING, "Card payments fail", title="Payments")
+    )
+    # Someone deleted the post in Slack meanwhile: there is nothing to edit.
+    slack.fail("chat.update", SlackFailure(error="message_not_found"))
+    _, fixed, progress = await publish(
+        b,
+        request(IncidentStatus.INVESTIGATING, "Card and wallet payments fail", corrects=first),
+        incident,
+    )
+    assert counts(progress, "slack", DeliveryAction.EDIT) == {DeliveryState.SENT: 1}
+    assert slack.messages[-1].text is not None and "wallet" in slack.messages[-1].text
+    assert len(slack.calls_to("chat.postMessage")) == 2
+
+    slack.fail("chat.delete", SlackFailure(error="message_not_found"))
+    await b.retract(fixed, actor="test")
+    progress = await asyncio.wait_for(b.wait([fixed]), timeout=30)
+    assert counts(progress, "slack", DeliveryAction.DELETE) == {DeliveryState.DELIVERED: 1}
+    (delete,) = [
+        d
+        for d in await b.deliveries(incident, channel="slack")
+        if d.action is DeliveryAction.DELETE
+    ]
+    assert delete.last_error == "already gone"

@@ -9,6 +9,7 @@ committed, so a killed process can re-send at most `concurrency` deliveries per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from datetime import datetime, timedelta
 from broadcaster.config import DispatchSettings
 from broadcaster.dispatch.ratelimit import RateLimiters
 from broadcaster.dispatch.retry import RetryPolicy
-from broadcaster.errors import ChannelBrokenError, PermanentError, TransientError
+from broadcaster.errors import ChannelBrokenError, PermanentError, PostGoneError, TransientError
 from broadcaster.models import ChannelRender, DeliveryAction, DeliveryState, Thread
 from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store, Target
 from broadcaster.store.tables import utcnow
@@ -280,7 +281,7 @@ class Dispatcher:
                 account=channel.account_key(),
                 channel=channel.name,
                 target=channel.rate_limit_target(claimed.recipient),
-                limit=channel.rate_limit,
+                limit=channel.rate_limit_for(claimed.recipient),
             )
             async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
                 outcome = await self._act(channel, claimed, message, target)
@@ -315,11 +316,16 @@ class Dispatcher:
         if action is DeliveryAction.DELETE:
             if posted is None:
                 return Outcome(claimed.id, DeliveryState.CANCELLED, last_error="nothing was posted")
-            await channel.delete(posted, message.recipient)
+            try:
+                await channel.delete(posted, message.recipient)
+            except PostGoneError:
+                return Outcome(claimed.id, DeliveryState.DELIVERED, last_error="already gone")
             return Outcome(claimed.id, DeliveryState.DELIVERED)
+        receipt = None
         if action is DeliveryAction.EDIT and posted is not None:
-            receipt = await channel.edit(posted, message)
-        else:
+            with contextlib.suppress(PostGoneError):  # deleted by hand: post it anew
+                receipt = await channel.edit(posted, message)
+        if receipt is None:
             receipt = await channel.send(message)
         return Outcome(
             claimed.id,
