@@ -240,3 +240,30 @@ async def test_token_guessing_is_stopped_but_ordinary_mistakes_are_not(
         assert [(await guesser.call("GET", "/v1/incidents"))[0] for _ in range(2)] == [403, 403]
         status, body = await reader.call("GET", "/v1/incidents")  # same address, right token
         assert status == 429 and "retry in 10 s" in body["detail"]
+
+
+async def test_corrections_and_retractions(api: Any, receiver: WebhookReceiver) -> None:
+    b = api[0]
+    comms, reader = as_(api, "PUBLISH_TOKEN"), as_(api, "READ_TOKEN")
+    _, opened = await comms.call("POST", "/v1/incidents", OPEN_BODY)
+    incident_id, first = opened["incident"]["id"], opened["update"]["id"]
+    fixed = {"status": "investigating", "fields": {"summary": "Right words."}, "corrects": first}
+    status, corrected = await comms.call("POST", f"/v1/incidents/{incident_id}/updates", fixed)
+    assert status == 201 and corrected["update"]["corrects"] == first
+    await asyncio.wait_for(b.wait(), timeout=10)
+
+    update_id = corrected["update"]["id"]
+    assert (await reader.call("POST", f"/v1/updates/{update_id}/retract"))[0] == 403
+    status, planned = await comms.call("POST", f"/v1/updates/{update_id}/retract?dry_run=true")
+    assert status == 200
+    assert planned["channels"]["hooks"] == {"cancelled": 0, "deleting": 0, "kept": 2}
+    assert planned["channels"]["status-page"]["deleting"] == 1
+    status, done = await comms.call("POST", f"/v1/updates/{update_id}/retract")
+    assert status == 200 and done == planned
+    status, body = await comms.call("POST", f"/v1/updates/{update_id}/retract")
+    assert status == 409 and "already retracted" in body["detail"]
+    assert (await comms.call("POST", "/v1/updates/999/retract"))[0] == 404
+    await asyncio.wait_for(b.wait(), timeout=10)
+    _, progress = await reader.call("GET", f"/v1/incidents/{incident_id}/progress")
+    actions = {(p["channel"], p["action"]): p["counts"] for p in progress}
+    assert actions[("status-page", "delete")] == {"delivered": 1}
