@@ -27,6 +27,7 @@ from broadcaster.errors import (
     ChannelBrokenError,
     DeliveryError,
     PermanentError,
+    PostGoneError,
     TransientError,
 )
 from broadcaster.models import (
@@ -42,6 +43,7 @@ from broadcaster.secrets import SecretRef
 
 if TYPE_CHECKING:
     import aiohttp
+
     from broadcaster.support import SupportDesk
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "InboundRequest",
     "Message",
     "PermanentError",
+    "PostGoneError",
     "Recipient",
     "SecretRef",
     "TransientError",
@@ -201,6 +204,11 @@ class Channel(ABC):
     def recipients(self) -> list[Recipient]:
         """The channel's own audience; per-recipient channels list their targets."""
         return [Recipient(id="")]
+
+    def rate_limit_for(self, recipient: str) -> RateLimit:
+        """The limits one recipient's deliveries go out under (a provider may limit a
+        group chat harder than a private one)."""
+        return self.rate_limit
 
     def rate_limit_target(self, recipient: str) -> str:
         """The key the provider limits by (Slack channel, Telegram chat, sender)."""

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 PERMALINK = "https://bsky.app/profile/{handle}/post/{rkey}"
+DEFAULT_SERVICE = "https://bsky.social"  # atproto's AsyncClient without a base_url
 MAX_POST_LANGS = 3  # app.bsky.feed.post: langs has maxLength 3
 
 
@@ -127,16 +128,21 @@ def build_facets(text: str) -> list[models.AppBskyRichtextFacet.Main]:
 
 
 class SessionFile:
-    """The persisted session string: a file only its owner can read or write."""
+    """The persisted session string of one service (the PDS or entryway it was created
+    at): a file only its owner can read or write."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, service: str) -> None:
         self.path = path
+        self.service = service
 
     def read(self) -> str | None:
+        """The session, unless there is none or it was made at another service (the
+        config's `base_url` changed): its tokens would be sent where they do not belong."""
         try:
-            return self.path.read_text().strip() or None
+            service, _, session = self.path.read_text().partition("\n")
         except FileNotFoundError:
             return None
+        return session.strip() or None if service == self.service else None
 
     def write(self, value: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -145,7 +151,7 @@ class SessionFile:
         # then renamed over the old one so a crash leaves a whole file.
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as file:
-            file.write(value)
+            file.write(f"{self.service}\n{value}")
         os.chmod(temporary, 0o600)
         os.replace(temporary, self.path)
 
@@ -170,7 +176,10 @@ class BlueskyChannel(Channel):
 
     def __init__(self, name: str, config: ChannelConfig, context: ChannelContext) -> None:
         super().__init__(name, config, context)
-        self.session_file = SessionFile(context.data_dir / "bluesky" / f"{name}.session")
+        self.session_file = SessionFile(
+            context.data_dir / "bluesky" / f"{name}.session",
+            service=self.config.base_url or DEFAULT_SERVICE,
+        )
         self._client: AsyncClient | None = None
         self._logged_in = False
         self._did: str | None = None

@@ -181,6 +181,22 @@ async def test_session_is_kept_owner_only_and_reused_by_the_next_run(
     assert progress.counts == {DeliveryState.SENT: 1}
     assert pds.create_session_calls == 1  # resumed, not logged in again
     assert len(pds.posts) == 2
+    assert saved.startswith(f"{pds.url}\n")  # the service the session belongs to
+
+
+async def test_a_session_from_another_service_is_not_sent_to_this_one(
+    pds: FakePds, make_broadcaster: MakeBroadcaster, tmp_path: Path
+) -> None:
+    b = await open_bluesky(make_broadcaster, pds)
+    await publish_and_wait(b, opening())
+    # The config now names another PDS (moved, or a new test run on a new port).
+    async with FakePds(handle=pds.handle, password=PASSWORD) as moved:
+        again = await make_broadcaster(
+            {"bsky": bluesky_channel(moved)}, store=f"sqlite:///{tmp_path}/second.db"
+        )
+        _, progress = await publish_and_wait(again, opening("Autre panne"))
+        assert progress.counts == {DeliveryState.SENT: 1}
+        assert moved.create_session_calls == 1 and len(moved.posts) == 1
 
 
 async def test_expired_token_refreshes_the_session_and_posts(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -268,9 +269,10 @@ async def test_edit_and_delete(api: FakeTelegram, make_broadcaster: MakeBroadcas
 
         await channel.delete(delivery.provider_id, Recipient(id=str(CHANNEL.id)))
         assert api.messages(CHANNEL.id) == []
-        from channels.base import PermanentError
+        from channels.base import PostGoneError
 
-        with pytest.raises(PermanentError, match="Message to delete not found"):
+        # Gone already: a retraction counts it as deleted.
+        with pytest.raises(PostGoneError, match="Message to delete not found"):
             await channel.delete(delivery.provider_id, Recipient(id=str(CHANNEL.id)))
     finally:
         await channel.close()
@@ -283,3 +285,20 @@ def test_config_refuses_a_chat_that_is_neither_id_nor_username() -> None:
 
     with pytest.raises(ValidationError, match="not a chat id"):
         TelegramConfig(type="telegram", token={"env": "X"}, chats=["acme status"])
+
+
+def test_groups_and_channels_get_twenty_messages_a_minute() -> None:
+    from channels.base import ChannelContext
+    from channels.telegram import GROUP_RATE_LIMIT, TelegramConfig
+
+    config = TelegramConfig(type="telegram", token={"env": "TG_TOKEN"}, chats=[CHANNEL.id, 42])
+    channel = TelegramChannel("tg", config, ChannelContext(base_dir=Path("."), data_dir=Path(".")))
+    assert channel.rate_limit_for("42").per_target_per_second == 1  # a private chat
+    group = channel.rate_limit_for(str(CHANNEL.id))
+    assert group == GROUP_RATE_LIMIT
+    assert group.per_target_per_second is not None
+    assert 60 * group.per_target_per_second + group.per_target_burst <= 20
+    own = TelegramConfig.model_validate({**config.model_dump(), "rate_limit": {}})
+    assert TelegramChannel("tg", own, channel.context).rate_limit_for(str(CHANNEL.id)) == (
+        own.rate_limit
+    )

@@ -24,13 +24,14 @@ from typer.testing import CliRunner
 
 from broadcaster.cli import app as cli_app
 from broadcaster.core import Broadcaster
-from broadcaster.models import DeliveryState, Impact, IncidentStatus, UpdateRequest
+from broadcaster.models import Impact, IncidentStatus, UpdateRequest
 from broadcaster.sandbox import BotApiFault, FakeChat, FakeTelegram
 from broadcaster.sandbox.telegram import BotApiCall
 from broadcaster.server import create_app, server_config
 from broadcaster.support import CurrentState, OpenIncident
 from channels.base import ChannelBrokenError
-from channels.telegram import TelegramChannel, status_reply
+from channels.telegram import TelegramChannel
+from channels.telegram_support import status_reply
 from tests.conftest import MakeBroadcaster
 from tests.test_serve import BANNER, free_port
 
@@ -137,10 +138,10 @@ async def reply_to(api: FakeTelegram, chat: int) -> str:
     return str(call.params["text"])
 
 
-async def post(base: str, body: bytes, headers: dict[str, str]) -> int:
+async def post(base: str, body: bytes, headers: dict[str, str], *, channel: str = "tg") -> int:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{base}/inbound/tg", data=body, headers=headers) as response,
+        session.post(f"{base}/inbound/{channel}", data=body, headers=headers) as response,
     ):
         await response.read()
         return response.status
@@ -181,7 +182,7 @@ async def test_english_user_gets_english_and_an_unknown_language_the_channel_fir
     port = free_port()
     b = await broadcaster_for(make_broadcaster, api, port)
     await publish(b, OPENING)
-    caplog.set_level(logging.INFO, logger="channels.telegram")
+    caplog.set_level(logging.INFO, logger="channels.telegram_support")
     async with serving(b, port):
         await eventually(lambda: api.webhook)
         api.user_says(BOB, "/status@status_test_bot", language_code="en-GB")
@@ -251,9 +252,11 @@ async def test_wrong_or_missing_secret_is_401_before_the_body_is_read_and_nothin
         assert await post(base, b"{not json", {SECRET_HEADER: SECRET}) == 400
         assert await post(base, b'{"hello": "world"}', {SECRET_HEADER: SECRET}) == 400
         assert await post(base, b"[]", {SECRET_HEADER: SECRET}) == 400
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{base}/inbound/status-page", data=b"{}") as response:
-                assert response.status == 404  # a channel that receives nothing
+        bad_message = b'{"update_id": 1, "message": "hi"}'
+        assert await post(base, bad_message, {SECRET_HEADER: SECRET}) == 400
+        # A channel that receives nothing, and one that does not exist:
+        assert await post(base, b"{}", {SECRET_HEADER: SECRET}, channel="status-page") == 404
+        assert await post(base, b"{}", {SECRET_HEADER: SECRET}, channel="nope") == 404
         # The one good call is answered, and is the only message sent (nothing was
         # published to the channel).
         assert await post(base, update, {**json_type, SECRET_HEADER: SECRET}) == 200
@@ -455,7 +458,7 @@ def test_telegram_bot_command_answers_and_stops_on_sigterm(
     assert api.calls_of("sendMessage")[0].params["text"].startswith("All systems operational.")
 
 
-# -- the reply itself -------------------------------------------------------------------------------
+# -- the reply itself ---------------------------------------------------------------------------
 
 
 def test_a_reply_too_long_for_one_message_counts_the_incidents_left_out() -> None:

@@ -181,6 +181,7 @@ class FakeTelegram(SimulatorServer):
         self.webhook_error: str | None = None  # the last failed push, as getWebhookInfo says
         self._next_update_id = 100_000
         self._arrived = asyncio.Event()
+        self._stopping = False
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -188,6 +189,15 @@ class FakeTelegram(SimulatorServer):
         app = web.Application()
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
         return app
+
+    async def stop(self) -> None:
+        """Answer the long polls in progress (as empty) first, then stop."""
+        self._stopping = True
+        self._arrived.set()
+        try:
+            await super().stop()
+        finally:
+            self._stopping = False
 
     # --- scripting -------------------------------------------------------------------
 
@@ -435,7 +445,7 @@ class FakeTelegram(SimulatorServer):
         if offset > 0:
             self.updates = [u for u in self.updates if u["update_id"] >= offset]
         deadline = time.monotonic() + timeout
-        while not self.updates and (left := deadline - time.monotonic()) > 0:
+        while not self.updates and not self._stopping and (left := deadline - time.monotonic()) > 0:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
