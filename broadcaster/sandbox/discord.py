@@ -19,7 +19,6 @@ import itertools
 import math
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
@@ -27,7 +26,7 @@ from typing import Any, ClassVar, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from broadcaster.sandbox.server import SimulatorServer
+from broadcaster.sandbox.server import ScriptedSimulator, dropped
 
 __all__ = ["DiscordCall", "DiscordFailure", "DiscordMessage", "FakeDiscord"]
 
@@ -120,15 +119,7 @@ def _pings_everyone(content: str, allowed_mentions: dict[str, Any] | None) -> bo
     return "everyone" in (allowed_mentions.get("parse") or [])
 
 
-class _Scripted:
-    __slots__ = ("failure", "remaining")
-
-    def __init__(self, failure: DiscordFailure) -> None:
-        self.failure = failure
-        self.remaining = failure.times
-
-
-class FakeDiscord(SimulatorServer):
+class FakeDiscord(ScriptedSimulator[DiscordFailure, DiscordCall]):
     """A scriptable Discord webhook: `async with FakeDiscord() as discord: ...`.
 
     Point a Discord channel's `webhook_url` at `discord.webhook_url`; `threads` are the
@@ -155,9 +146,7 @@ class FakeDiscord(SimulatorServer):
         self.threads = set(threads)
         self.name = name
         self._lock = threading.Lock()
-        self._calls: list[DiscordCall] = []
         self._messages: dict[str, DiscordMessage] = {}
-        self._scripts: dict[str, deque[_Scripted]] = {}
         self._ids = itertools.count(1)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -183,20 +172,7 @@ class FakeDiscord(SimulatorServer):
 
     def fail(self, operation: Operation, *failures: DiscordFailure) -> None:
         """Fail the next calls of `operation` ("execute", "edit", "delete", "get") in order."""
-        with self._lock:
-            self._scripts.setdefault(operation, deque()).extend(_Scripted(f) for f in failures)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._calls.clear()
-            self._messages.clear()
-            self._scripts.clear()
-
-    @property
-    def calls(self) -> list[DiscordCall]:
-        """Every call, oldest first (a snapshot)."""
-        with self._lock:
-            return list(self._calls)
+        self._failures.add(operation, *failures)
 
     def calls_to(self, operation: Operation) -> list[DiscordCall]:
         return [c for c in self.calls if c.operation == operation]
@@ -211,6 +187,10 @@ class FakeDiscord(SimulatorServer):
         with self._lock:
             return self._messages.get(message_id)
 
+    def _forget(self) -> None:
+        with self._lock:
+            self._messages.clear()
+
     # --- the API -----------------------------------------------------------------------
 
     @staticmethod
@@ -220,18 +200,6 @@ class FakeDiscord(SimulatorServer):
         return {"GET": "get_message", "PATCH": "edit", "DELETE": "delete"}.get(
             method, method.lower()
         )
-
-    def _scripted(self, operation: str) -> DiscordFailure | None:
-        with self._lock:
-            steps = self._scripts.get(operation)
-            if not steps:
-                return None
-            step = steps[0]
-            if step.remaining is not None:
-                step.remaining -= 1
-                if step.remaining <= 0:
-                    steps.popleft()
-            return step.failure
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         message_id = request.match_info.get("message_id")
@@ -244,14 +212,13 @@ class FakeDiscord(SimulatorServer):
                 return web.json_response({"message": "400: Bad Request", "code": 0}, status=400)
             body = parsed if isinstance(parsed, dict) else None
         call = DiscordCall(operation, dict(request.query), body, time.monotonic())
-        with self._lock:
-            self._calls.append(call)
+        self._calls.record(call)
         try:
             if request.match_info["webhook_id"] != self.webhook_id:
                 raise _Refused(404, "Unknown Webhook", 10015)
             if request.match_info["token"] != self.token:
                 raise _Refused(401, "Invalid Webhook Token", 50027)
-            failure = self._scripted(operation)
+            failure = self._failures.next(operation)
             if failure is not None:
                 call.status = None if failure.drop else failure.status
                 return self._failure(request, failure)
@@ -267,9 +234,7 @@ class FakeDiscord(SimulatorServer):
     @staticmethod
     def _failure(request: web.Request, failure: DiscordFailure) -> web.StreamResponse:
         if failure.drop:
-            if request.transport is not None:
-                request.transport.close()
-            return web.Response(status=204)
+            return dropped(request)
         headers: dict[str, str] = {}
         body: dict[str, Any] = {}
         if failure.status == 429:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import itertools
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +25,7 @@ from typing import Any, ClassVar
 import regex
 from aiohttp import web
 
-from broadcaster.sandbox.server import SimulatorServer
+from broadcaster.sandbox.server import ScriptedSimulator, dropped, request_params
 
 __all__ = ["FakeMastodon", "MastodonCall", "MastodonFailure", "MastodonStatus"]
 
@@ -127,7 +126,7 @@ def countable_length(text: str) -> int:
     return outside + URL_PLACEHOLDER_CHARS * len(spans)
 
 
-class FakeMastodon(SimulatorServer):
+class FakeMastodon(ScriptedSimulator[MastodonFailure, MastodonCall]):
     """One account on a scriptable instance: `async with FakeMastodon() as mastodon`.
 
     `tokens` maps each accepted access token to its scopes ("write:statuses",
@@ -151,9 +150,7 @@ class FakeMastodon(SimulatorServer):
         self.username = username
         self.max_characters = max_characters
         self.statuses: list[MastodonStatus] = []
-        self.calls: list[MastodonCall] = []
         self._by_key: dict[str, MastodonStatus] = {}
-        self._scripts: dict[str, deque[MastodonFailure]] = {}
         self._sequence = itertools.count(1)
 
     def _app(self) -> web.Application:
@@ -169,9 +166,11 @@ class FakeMastodon(SimulatorServer):
     def fail(self, endpoint: str, *failures: MastodonFailure) -> None:
         """Fail the next calls of an endpoint (`post_status`, `edit_status`,
         `delete_status`, `verify_credentials`) with these failures, in order."""
-        queue = self._scripts.setdefault(endpoint, deque())
-        for failure in failures:
-            queue.extend([failure] * failure.times)
+        self._failures.add(endpoint, *failures)
+
+    def _forget(self) -> None:
+        self.statuses.clear()
+        self._by_key.clear()
 
     @property
     def posts(self) -> list[MastodonStatus]:
@@ -250,7 +249,7 @@ class FakeMastodon(SimulatorServer):
         work: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
     ) -> web.StreamResponse:
         """Record the call, follow the script, check the token and its scopes, then work."""
-        params = await self._params(request)
+        params = await request_params(request)
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
         call = MastodonCall(
@@ -261,9 +260,8 @@ class FakeMastodon(SimulatorServer):
             params,
             idempotency_key=request.headers.get("Idempotency-Key"),
         )
-        self.calls.append(call)
-        script = self._scripts.get(endpoint)
-        failure = script.popleft() if script else None
+        self._calls.record(call)
+        failure = self._failures.next(endpoint)
         answer: dict[str, Any] | None = None
         try:
             if failure is None or failure.applied:
@@ -285,9 +283,7 @@ class FakeMastodon(SimulatorServer):
     ) -> web.StreamResponse:
         if failure.drop:
             call.status = None
-            if request.transport is not None:
-                request.transport.close()
-            return web.Response(status=204)
+            return dropped(request)
         call.status = failure.status
         headers: dict[str, str] = {}
         if failure.reset_in is not None:
@@ -303,19 +299,6 @@ class FakeMastodon(SimulatorServer):
             call.headers = headers
         error = failure.error or _REASONS.get(failure.status, "Error")
         return web.json_response({"error": error}, status=failure.status, headers=headers)
-
-    @staticmethod
-    async def _params(request: web.Request) -> dict[str, Any]:
-        params: dict[str, Any] = dict(request.query)
-        if request.can_read_body:
-            if request.content_type == "application/json":
-                body = await request.json()
-                if isinstance(body, dict):
-                    params.update(body)
-            else:
-                form = await request.post()
-                params.update({key: str(value) for key, value in form.items()})
-        return params
 
     def _valid_text(self, value: Any) -> str:
         text = str(value or "")

@@ -1,16 +1,114 @@
 """What every provider simulator shares: an aiohttp app on 127.0.0.1 (an ephemeral port
 by default), run in the caller's event loop (`async with`) or on a thread of its own
-(`with`, `start_in_thread`) for code under test that runs its own loop or process."""
+(`with`, `start_in_thread`) for code under test that runs its own loop or process; the
+failures a test scripts (`FailureScript`), the calls the simulator saw (`CallLog`), and
+the bits of HTTP they all speak (request parameters, Retry-After, a dropped connection)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 from aiohttp import web
+
+
+class Repeatable(Protocol):
+    """A scripted answer that applies to its next `times` calls (None: every call)."""
+
+    @property
+    def times(self) -> int | None: ...
+
+
+F = TypeVar("F", bound=Repeatable)
+C = TypeVar("C")
+
+
+class _Step(Generic[F]):
+    __slots__ = ("failure", "remaining")
+
+    def __init__(self, failure: F) -> None:
+        self.failure = failure
+        self.remaining = failure.times
+
+
+class FailureScript(Generic[F]):
+    """Scripted failures (or any scripted answers) per key — a method, an operation, a
+    target — used in order: each applies to its next `times` matching calls, then the
+    next one takes over; `times=None` applies to every matching call from then on.
+
+    Safe from any thread: the simulator may run on a thread of its own while a test
+    scripts it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._steps: dict[str, deque[_Step[F]]] = {}
+
+    def add(self, key: str, *failures: F) -> None:
+        """Append failures to the script of `key`."""
+        with self._lock:
+            self._steps.setdefault(key, deque()).extend(_steps(failures))
+
+    def replace(self, key: str, *failures: F) -> None:
+        """Make these failures the whole script of `key`."""
+        with self._lock:
+            self._steps[key] = deque(_steps(failures))
+
+    def next(self, key: str, matches: Callable[[F], bool] | None = None) -> F | None:
+        """The failure for the next call of `key`, counted against its `times`, or None.
+
+        With `matches`, failures that do not apply to this call are passed over and
+        keep their place for the calls they do apply to."""
+        with self._lock:
+            for step in self._steps.get(key, ()):
+                if matches is None or matches(step.failure):
+                    break
+            else:
+                return None
+            if step.remaining is not None:
+                step.remaining -= 1
+                if step.remaining <= 0:
+                    self._steps[key].remove(step)
+            return step.failure
+
+    def clear(self) -> None:
+        """Forget every script."""
+        with self._lock:
+            self._steps.clear()
+
+
+def _steps(failures: tuple[F, ...]) -> list[_Step[F]]:
+    # A failure for fewer than one call never applies.
+    return [_Step(f) for f in failures if f.times is None or f.times >= 1]
+
+
+class CallLog(Generic[C]):
+    """What a simulator saw, oldest first; recorded and read safely from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: list[C] = []
+
+    def record(self, entry: C) -> None:
+        with self._lock:
+            self._entries.append(entry)
+
+    def snapshot(self) -> list[C]:
+        """Every entry so far, oldest first (a copy)."""
+        with self._lock:
+            return list(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
 
 
 class SimulatorServer(ABC):
@@ -129,3 +227,56 @@ class SimulatorServer(ABC):
         if self._url is None:
             raise RuntimeError(f"{self.what} is not started: call start() first")
         return self._url
+
+
+class ScriptedSimulator(SimulatorServer, Generic[F, C]):
+    """A simulator that records every call (`calls`) and fails the ones a test scripts;
+    subclasses record into `_calls`, script `_failures`, and forget their own state in
+    `_forget()`."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host=host, port=port)
+        self._calls: CallLog[C] = CallLog()
+        self._failures: FailureScript[F] = FailureScript()
+
+    @property
+    def calls(self) -> list[C]:
+        """Every call, oldest first (a snapshot)."""
+        return self._calls.snapshot()
+
+    def reset(self) -> None:
+        """Forget every call, every scripted failure and what the provider keeps."""
+        self._calls.clear()
+        self._failures.clear()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Forget what the provider keeps (messages, posts…)."""
+
+
+async def request_params(request: web.Request) -> dict[str, Any]:
+    """The query parameters and the body's, JSON or form-encoded (as the SDKs send them)."""
+    params: dict[str, Any] = dict(request.query)
+    if request.can_read_body:
+        if request.content_type == "application/json":
+            body = await request.json()
+            if isinstance(body, dict):
+                params.update(body)
+        else:
+            form = await request.post()
+            params.update({key: str(value) for key, value in form.items()})
+    return params
+
+
+def dropped(request: web.Request) -> web.Response:
+    """Close the connection without an answer: the client sees the server disconnect.
+    (aiohttp wants a response from the handler; this one is never sent.)"""
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=204)
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After for a delay in seconds."""
+    # delay-seconds is an integer in RFC 9110; fractions are kept for fast tests.
+    return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))

@@ -15,14 +15,18 @@ import itertools
 import json
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from broadcaster.sandbox.server import SimulatorServer
+from broadcaster.sandbox.server import (
+    ScriptedSimulator,
+    dropped,
+    request_params,
+    retry_after_header,
+)
 
 __all__ = ["SlackCall", "SlackFailure", "SlackMessage", "SlackWebApi"]
 
@@ -73,15 +77,7 @@ class SlackMessage:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Scripted:
-    __slots__ = ("failure", "remaining")
-
-    def __init__(self, failure: SlackFailure) -> None:
-        self.failure = failure
-        self.remaining = failure.times
-
-
-class SlackWebApi(SimulatorServer):
+class SlackWebApi(ScriptedSimulator[SlackFailure, SlackCall]):
     """A scriptable fake Slack Web API: `async with SlackWebApi() as slack: ...`.
 
     Point a Slack channel's `base_url` at `slack.api_url`; accepted tokens are `tokens`;
@@ -102,9 +98,7 @@ class SlackWebApi(SimulatorServer):
         self.tokens = set(tokens)
         self.channels = set(channels) if channels is not None else None
         self._lock = threading.Lock()
-        self._calls: list[SlackCall] = []
         self._messages: dict[tuple[str, str], SlackMessage] = {}
-        self._scripts: dict[str, deque[_Scripted]] = {}
         self._clock = itertools.count(1)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -123,20 +117,7 @@ class SlackWebApi(SimulatorServer):
 
     def fail(self, method: str, *failures: SlackFailure) -> None:
         """Fail the next calls of `method` (e.g. "chat.postMessage") in this order."""
-        with self._lock:
-            self._scripts.setdefault(method, deque()).extend(_Scripted(f) for f in failures)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._calls.clear()
-            self._messages.clear()
-            self._scripts.clear()
-
-    @property
-    def calls(self) -> list[SlackCall]:
-        """Every call, oldest first (a snapshot)."""
-        with self._lock:
-            return list(self._calls)
+        self._failures.add(method, *failures)
 
     def calls_to(self, method: str) -> list[SlackCall]:
         return [c for c in self.calls if c.method == method]
@@ -163,31 +144,11 @@ class SlackWebApi(SimulatorServer):
     # --- the Web API ---------------------------------------------------------------
 
     def _scripted(self, method: str, channel: str | None) -> SlackFailure | None:
-        with self._lock:
-            steps = self._scripts.get(method)
-            if not steps:
-                return None
-            for step in steps:
-                if step.failure.channel is None or step.failure.channel == channel:
-                    if step.remaining is not None:
-                        step.remaining -= 1
-                        if step.remaining <= 0:
-                            steps.remove(step)
-                    return step.failure
-            return None
+        return self._failures.next(method, lambda f: f.channel is None or f.channel == channel)
 
     @staticmethod
     async def _params(request: web.Request) -> dict[str, Any]:
-        params: dict[str, Any] = dict(request.query)
-        if request.can_read_body:
-            if request.content_type == "application/json":
-                body = await request.json()
-                if isinstance(body, dict):
-                    params.update(body)
-            else:
-                form = await request.post()
-                for key, value in form.items():
-                    params[key] = value if isinstance(value, str) else str(value)
+        params = await request_params(request)
         # Form-encoded blocks arrive as a JSON string.
         if isinstance(params.get("blocks"), str):
             params["blocks"] = json.loads(params["blocks"])
@@ -204,8 +165,7 @@ class SlackWebApi(SimulatorServer):
         if failure is not None:
             call.status = None if failure.drop else failure.status
             call.error = failure.error or ("ratelimited" if failure.status == 429 else None)
-        with self._lock:
-            self._calls.append(call)
+        self._calls.record(call)
         if failure is not None:
             return self._failure(request, failure, call)
         if not token:
@@ -235,13 +195,10 @@ class SlackWebApi(SimulatorServer):
         self, request: web.Request, failure: SlackFailure, call: SlackCall
     ) -> web.StreamResponse:
         if failure.drop:
-            if request.transport is not None:
-                request.transport.close()
-            return web.Response(status=204)
+            return dropped(request)
         headers = {}
         if failure.retry_after is not None:
-            seconds = failure.retry_after
-            headers["Retry-After"] = str(int(seconds)) if seconds.is_integer() else str(seconds)
+            headers["Retry-After"] = retry_after_header(failure.retry_after)
         if failure.status >= 500:
             # Slack's edge answers outages with an HTML page, not the API's JSON.
             return web.Response(
@@ -257,6 +214,10 @@ class SlackWebApi(SimulatorServer):
     def _error(call: SlackCall, error: str) -> web.Response:
         call.error = error
         return web.json_response({"ok": False, "error": error})
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._messages.clear()
 
     def _next_ts(self) -> str:
         return f"{1_700_000_000 + next(self._clock)}.000100"

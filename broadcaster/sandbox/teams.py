@@ -21,7 +21,6 @@ import json
 import secrets
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -29,13 +28,14 @@ from urllib.parse import quote
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from broadcaster.sandbox.server import SimulatorServer
+from broadcaster.sandbox.server import ScriptedSimulator, dropped, retry_after_header
 
 __all__ = ["FakeTeamsWorkflow", "PostedCard", "WorkflowCall", "WorkflowFailure"]
 
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 TEAMS_MAX_MESSAGE_BYTES = 28 * 1024  # what Teams takes in one message, envelope included
 _PATH = "/workflows/{workflow}/triggers/manual/paths/invoke"
+_EVERY_WORKFLOW = "*"  # one script for all calls, whatever the workflow
 
 
 class WorkflowFailure(BaseModel):
@@ -96,14 +96,6 @@ class PostedCard:
         return [a["url"] for a in self.card.get("actions", []) if a.get("type") == "Action.OpenUrl"]
 
 
-class _Scripted:
-    __slots__ = ("failure", "remaining")
-
-    def __init__(self, failure: WorkflowFailure) -> None:
-        self.failure = failure
-        self.remaining = failure.times
-
-
 def card_shape_problem(body: Any) -> str | None:
     """Why a request body is not a Teams message carrying an Adaptive Card, or None."""
     if not isinstance(body, dict) or body.get("type") != "message":
@@ -126,7 +118,7 @@ def card_shape_problem(body: Any) -> str | None:
     return None
 
 
-class FakeTeamsWorkflow(SimulatorServer):
+class FakeTeamsWorkflow(ScriptedSimulator[WorkflowFailure, WorkflowCall]):
     """Scriptable Workflows webhooks: `async with FakeTeamsWorkflow() as teams: ...`.
 
     `add_workflow()` creates one and returns its URL (a secret, as in Teams);
@@ -138,9 +130,7 @@ class FakeTeamsWorkflow(SimulatorServer):
         super().__init__(host=host, port=port)
         self._lock = threading.Lock()
         self._workflows: dict[str, str] = {}  # id -> sig
-        self._calls: list[WorkflowCall] = []
         self._cards: list[PostedCard] = []
-        self._scripts: deque[_Scripted] = deque()
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 1024 * 1024)
@@ -172,20 +162,7 @@ class FakeTeamsWorkflow(SimulatorServer):
 
     def fail(self, *failures: WorkflowFailure) -> None:
         """Fail the next calls, in this order (before the signature is even checked)."""
-        with self._lock:
-            self._scripts.extend(_Scripted(f) for f in failures)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._calls.clear()
-            self._cards.clear()
-            self._scripts.clear()
-
-    @property
-    def calls(self) -> list[WorkflowCall]:
-        """Every call, oldest first (a snapshot)."""
-        with self._lock:
-            return list(self._calls)
+        self._failures.add(_EVERY_WORKFLOW, *failures)
 
     @property
     def cards(self) -> list[PostedCard]:
@@ -202,18 +179,11 @@ class FakeTeamsWorkflow(SimulatorServer):
             await asyncio.sleep(0.01)
         return self.cards
 
-    # --- the trigger ---------------------------------------------------------------
-
-    def _scripted(self) -> WorkflowFailure | None:
+    def _forget(self) -> None:
         with self._lock:
-            if not self._scripts:
-                return None
-            step = self._scripts[0]
-            if step.remaining is not None:
-                step.remaining -= 1
-                if step.remaining <= 0:
-                    self._scripts.popleft()
-            return step.failure
+            self._cards.clear()
+
+    # --- the trigger ---------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         workflow = request.match_info["workflow"]
@@ -224,10 +194,10 @@ class FakeTeamsWorkflow(SimulatorServer):
         except ValueError:
             body = None
         call = WorkflowCall(workflow, sig, body, time.time(), status=202)
+        self._calls.record(call)
         with self._lock:
-            self._calls.append(call)
             expected = self._workflows.get(workflow)
-        failure = self._scripted()
+        failure = self._failures.next(_EVERY_WORKFLOW)
         if failure is not None:
             return self._failure(request, failure, call)
         if expected is None:
@@ -265,13 +235,10 @@ class FakeTeamsWorkflow(SimulatorServer):
     ) -> web.StreamResponse:
         if failure.drop:
             call.status = None
-            if request.transport is not None:
-                request.transport.close()
-            return web.Response(status=204)
+            return dropped(request)
         headers = {}
         if failure.retry_after is not None:
-            seconds = failure.retry_after
-            headers["Retry-After"] = str(int(seconds)) if seconds.is_integer() else str(seconds)
+            headers["Retry-After"] = retry_after_header(failure.retry_after)
         code = {429: "TooManyRequests", 404: "WorkflowNotFound"}.get(
             failure.status, "ServiceUnavailable" if failure.status >= 500 else "BadRequest"
         )

@@ -13,7 +13,6 @@ import asyncio
 import json
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -21,7 +20,13 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from standardwebhooks import Webhook
 
-from broadcaster.sandbox.server import SimulatorServer
+from broadcaster.sandbox.server import (
+    CallLog,
+    FailureScript,
+    SimulatorServer,
+    dropped,
+    retry_after_header,
+)
 
 __all__ = ["Behaviour", "Received", "WebhookReceiver"]
 
@@ -72,19 +77,6 @@ def _target_path(path_or_name: str) -> str:
     return path_or_name if path_or_name.startswith("/") else HOOK_PREFIX + path_or_name
 
 
-def _retry_after_header(seconds: float) -> str:
-    # delay-seconds is an integer in RFC 9110; fractions are kept for fast tests.
-    return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))
-
-
-class _Step:
-    __slots__ = ("behaviour", "remaining")
-
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.behaviour = behaviour
-        self.remaining = behaviour.times
-
-
 class WebhookReceiver(SimulatorServer):
     """A scriptable webhook endpoint: `async with WebhookReceiver() as hooks: ...`.
 
@@ -99,12 +91,12 @@ class WebhookReceiver(SimulatorServer):
     ) -> None:
         super().__init__(host=host, port=port)
         self._webhook = Webhook(secret) if secret else None
-        # The server may run on another thread (start_in_thread): every shared
-        # structure below is touched under this lock.
+        # The server may run on another thread (start_in_thread): the default is
+        # touched under this lock; the logs and scripts guard themselves.
         self._lock = threading.Lock()
-        self._received: list[Received] = []
-        self._attempts: list[Received] = []
-        self._scripts: dict[str, deque[_Step]] = {}
+        self._received: CallLog[Received] = CallLog()
+        self._attempts: CallLog[Received] = CallLog()
+        self._scripts: FailureScript[Behaviour] = FailureScript()
         self._default = Behaviour()
 
     # --- lifecycle -----------------------------------------------------------------
@@ -138,8 +130,7 @@ class WebhookReceiver(SimulatorServer):
                     f"{behaviour!r} has times=None (forever), so the behaviours after it "
                     "would never apply: give it times=n or put it last"
                 )
-        with self._lock:
-            self._scripts[_target_path(path_or_name)] = deque(_Step(b) for b in behaviours)
+        self._scripts.replace(_target_path(path_or_name), *behaviours)
 
     def default(self, behaviour: Behaviour) -> None:
         """How every target without a (remaining) script is answered."""
@@ -148,51 +139,38 @@ class WebhookReceiver(SimulatorServer):
 
     def reset(self) -> None:
         """Forget every request, script and default."""
+        self._received.clear()
+        self._attempts.clear()
+        self._scripts.clear()
         with self._lock:
-            self._received.clear()
-            self._attempts.clear()
-            self._scripts.clear()
             self._default = Behaviour()
 
     def _next_behaviour(self, path: str) -> Behaviour:
+        behaviour = self._scripts.next(path)
+        if behaviour is not None:
+            return behaviour
         with self._lock:
-            steps = self._scripts.get(path)
-            if not steps:
-                return self._default
-            step = steps[0]
-            if step.remaining is not None:
-                step.remaining -= 1
-                if step.remaining <= 0:
-                    steps.popleft()
-            return step.behaviour
+            return self._default
 
     # --- what was received ---------------------------------------------------------
 
     @property
     def received(self) -> list[Received]:
         """Requests answered 2xx, oldest first (a snapshot, safe from any thread)."""
-        with self._lock:
-            return list(self._received)
+        return self._received.snapshot()
 
     @property
     def attempts(self) -> list[Received]:
         """Every request to a target, whatever was answered (a snapshot)."""
-        with self._lock:
-            return list(self._attempts)
+        return self._attempts.snapshot()
 
     def received_ids(self) -> list[str]:
         """The webhook-id of every request answered 2xx (those that had one)."""
-        with self._lock:
-            return [r.webhook_id for r in self._received if r.webhook_id is not None]
-
-    def _received_count(self) -> int:
-        with self._lock:
-            return len(self._received)
+        return [r.webhook_id for r in self.received if r.webhook_id is not None]
 
     def _timeout_message(self, count: int, timeout: float) -> str:
-        with self._lock:
-            statuses = [a.status for a in self._attempts]
-            got = len(self._received)
+        statuses = [a.status for a in self.attempts]
+        got = len(self._received)
         return (
             f"webhook receiver: {got} of {count} requests answered 2xx within {timeout} s "
             f"({len(statuses)} attempts, statuses answered: {statuses[-20:]})"
@@ -204,7 +182,7 @@ class WebhookReceiver(SimulatorServer):
         Polls, so it works whichever thread or loop the server runs on.
         """
         deadline = time.monotonic() + timeout
-        while self._received_count() < count:
+        while len(self._received) < count:
             if time.monotonic() >= deadline:
                 raise TimeoutError(self._timeout_message(count, timeout))
             await asyncio.sleep(0.005)
@@ -213,7 +191,7 @@ class WebhookReceiver(SimulatorServer):
     def wait_for_blocking(self, count: int, timeout: float) -> list[Received]:
         """`wait_for` for synchronous code (with the server in a thread)."""
         deadline = time.monotonic() + timeout
-        while self._received_count() < count:
+        while len(self._received) < count:
             if time.monotonic() >= deadline:
                 raise TimeoutError(self._timeout_message(count, timeout))
             time.sleep(0.005)
@@ -256,22 +234,17 @@ class WebhookReceiver(SimulatorServer):
             status=None if behaviour.drop else behaviour.status,
             raw=raw,
         )
-        with self._lock:
-            self._attempts.append(record)
+        self._attempts.record(record)
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
         if record.status is not None and 200 <= record.status < 300:
             # Counted once answered, so wait_for() never runs ahead of a slow answer.
-            with self._lock:
-                self._received.append(record)
+            self._received.record(record)
         if behaviour.drop:
-            # No HTTP response at all: the client sees the server disconnect.
-            if request.transport is not None:
-                request.transport.close()
-            return web.Response(status=204)
+            return dropped(request)
         response_headers = {}
         if behaviour.retry_after is not None:
-            response_headers["Retry-After"] = _retry_after_header(behaviour.retry_after)
+            response_headers["Retry-After"] = retry_after_header(behaviour.retry_after)
         if 200 <= behaviour.status < 300:
             payload: dict[str, Any] = {"ok": True}
         else:
