@@ -208,6 +208,21 @@ async def run_demo(folder: Path, console: Console) -> None:
         )
         async with await Broadcaster.open(settings=settings) as broadcaster:
             now = datetime.now(UTC)
+            identified = UpdateRequest(
+                status=IncidentStatus.IDENTIFIED,
+                fields={
+                    "summary": "A faulty release of our payment service blocks new "
+                    "charging sessions.",
+                    "summary.fr": "Une version défectueuse de notre service de "
+                    "paiement bloque les nouvelles recharges.",
+                    "eta": "within the hour",
+                    "eta.fr": "d'ici une heure",
+                    "workaround": "Use the RFID card at the charger.",
+                    "workaround.fr": "Utilisez le badge RFID à la borne.",
+                },
+                next_update_at=now + timedelta(minutes=30),
+                actor="demo",
+            )
             steps = [
                 (
                     "1. Investigating",
@@ -228,43 +243,19 @@ async def run_demo(folder: Path, console: Console) -> None:
                         actor="demo",
                     ),
                 ),
-                (
-                    "2. Identified",
-                    True,
-                    UpdateRequest(
-                        status=IncidentStatus.IDENTIFIED,
-                        fields={
-                            "summary": "A faulty release of our payment service blocks new "
-                            "charging sessions.",
-                            "summary.fr": "Une version défectueuse de notre service de "
-                            "paiement bloque les nouvelles recharges.",
-                            "eta": "within the hour",
-                            "eta.fr": "d'ici une heure",
-                            "workaround": "Use the RFID card at the charger.",
-                            "workaround.fr": "Utilisez le badge RFID à la borne.",
-                        },
-                        next_update_at=now + timedelta(minutes=30),
-                        actor="demo",
-                    ),
-                ),
+                ("2. Identified", True, identified),
                 (
                     "3. Correction of the identified update (the ETA was wrong)",
                     True,
-                    UpdateRequest(
-                        status=IncidentStatus.IDENTIFIED,
-                        fields={
-                            "summary": "A faulty release of our payment service blocks new "
-                            "charging sessions.",
-                            "summary.fr": "Une version défectueuse de notre service de "
-                            "paiement bloque les nouvelles recharges.",
-                            "eta": "within two hours",
-                            "eta.fr": "d'ici deux heures",
-                            "workaround": "Use the RFID card at the charger.",
-                            "workaround.fr": "Utilisez le badge RFID à la borne.",
-                        },
-                        next_update_at=now + timedelta(minutes=30),
-                        actor="demo",
-                        corrects=CORRECTED,
+                    identified.model_copy(
+                        update={
+                            "fields": {
+                                **identified.fields,
+                                "eta": "within two hours",
+                                "eta.fr": "d'ici deux heures",
+                            },
+                            "corrects": CORRECTED,
+                        }
                     ),
                 ),
                 (
