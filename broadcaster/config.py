@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -303,6 +304,22 @@ class Route(BaseModel):
         return value
 
 
+class SubscriberSettings(BaseModel):
+    """How subscribers are read and kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_region: str | None = Field(
+        default=None,
+        min_length=2,
+        max_length=2,
+        description="ISO country (FR, US…) for phone numbers written without +country code",
+    )
+    retention_days: PositiveInt | None = Field(
+        default=None, description="delete subscriber delivery records older than this"
+    )
+
+
 class Settings(BaseSettings):
     """Everything broadcaster.toml can say; BROADCASTER_* environment variables override it."""
 
@@ -326,6 +343,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     hooks: HookSettings = Field(default_factory=HookSettings)
+    subscribers: SubscriberSettings = Field(default_factory=SubscriberSettings)
     routes: list[Route] = Field(default_factory=list)
     config_path: Path | None = Field(default=None, exclude=True)
 

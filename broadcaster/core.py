@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from broadcaster.adapters import build_channels
 from broadcaster.alerts import AlertIntake
+from broadcaster.audience import Audience
 from broadcaster.config import Settings, load_settings
 from broadcaster.dispatch import DispatchBackend, EmbeddedBackend
 from broadcaster.errors import BroadcasterError, CheckFailedError, NotFoundError
@@ -101,6 +102,12 @@ class Broadcaster:
         self.queue = DeliveryQueue(store)
         self.backend: DispatchBackend = EmbeddedBackend(store, channels, settings.dispatch)
         self.alerts = AlertIntake(self)
+        self.audience = Audience(
+            store,
+            channels,
+            components=settings.components,
+            default_region=settings.subscribers.default_region,
+        )
 
     @classmethod
     async def open(
@@ -238,10 +245,14 @@ class Broadcaster:
                 }
                 renders.append(render)
                 failures.extend(problems)
+                subscribers = channel.address_kind is not None
                 plans[channel.name] = ChannelPlan(
                     render=render,
-                    recipients=[(r.id, r.language) for r in channel.recipients()],
+                    recipients=[]
+                    if subscribers
+                    else [(r.id, r.language) for r in channel.recipients()],
                     edits=channel.capabilities.edits,
+                    fanout=subscribers,
                 )
         plan = PublishPlan(
             incident_id=incident.id if incident else None,

@@ -381,6 +381,56 @@ class Retraction(BaseModel):
     kept: int = Field(default=0, description="posts the channel cannot delete")
 
 
+class AddressKind(StrEnum):
+    """What a subscriber channel delivers to."""
+
+    PHONE = "phone"  # E.164
+    EMAIL = "email"
+
+
+class NewSubscriber(BaseModel):
+    """A person who asked to be told, as the CLI, the API or a CSV row gives them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phone: str | None = Field(default=None, description="any format; stored as E.164")
+    email: str | None = None
+    language: str = Field(default="en", min_length=2, max_length=20)
+    components: list[str] | None = Field(default=None, description="None: every component")
+    timezone: TimeZoneName | None = None
+    channels: list[str] | None = Field(
+        default=None,
+        description="the channels they agreed to; None: every subscriber channel "
+        "they have an address for",
+    )
+
+
+class Subscriber(BaseModel):
+    """A stored subscriber and the channels they are subscribed to (consent)."""
+
+    id: int
+    phone: str | None
+    email: str | None
+    language: str
+    components: list[str] | None
+    timezone: str | None
+    channels: dict[str, bool] = Field(description="channel -> subscribed (False: opted out)")
+    created_at: datetime
+
+
+class RejectedRow(BaseModel):
+    line: int
+    reason: str
+
+
+class ImportReport(BaseModel):
+    """What a CSV import did: how many were added or updated, and each rejected row."""
+
+    added: int = 0
+    updated: int = 0
+    rejected: list[RejectedRow] = Field(default_factory=list)
+
+
 class ChannelProgress(BaseModel):
     """Deliveries of one channel counted by state, with the failures and their reasons."""
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from broadcaster.errors import BroadcasterError, NotFoundError
-from broadcaster.models import Impact, IncidentStatus
+from broadcaster.models import DeliveryState, Impact, IncidentStatus
 
 if TYPE_CHECKING:
     from broadcaster.core import Broadcaster
@@ -43,6 +43,8 @@ BOT_LABELS = ("all_clear", "unknown_command", "facts", "status_page", "more")
 # A reply is one chat message (4,096 characters on Telegram): more incidents than this
 # would not fit anyway; the adapter says how many it left out.
 MAX_INCIDENTS = 20
+# How long a delivery receipt waits for the dispatcher's record of the send it is about.
+RECEIPT_WAIT_SECONDS = 30.0
 
 
 class OpenIncident(BaseModel):
@@ -85,6 +87,21 @@ class SupportDesk(Protocol):
         """Only the bot's words (no store read), in the same language."""
         ...
 
+    async def record_receipt(
+        self, channel: str, provider_id: str, state: DeliveryState, error: str | None
+    ) -> bool:
+        """A provider's delivery receipt (`delivered`, `undelivered`, `failed`): waits a
+        little for the delivery's own record of the send, which the receipt can beat.
+        False when no delivery of the channel has that provider id."""
+        ...
+
+    async def set_subscribed(
+        self, channel: str, address: str, *, subscribed: bool, source: str
+    ) -> bool:
+        """Opt whoever has this address in or out of a channel (SMS STOP/START);
+        False when nobody has it."""
+        ...
+
 
 def pick_language(wanted: str | None, available: Sequence[str]) -> str:
     """The channel language for a user's tag: exact, then by primary subtag (`fr-CA` ->
@@ -125,6 +142,26 @@ class StoreSupportDesk:
     def labels(self, channel: str, language: str | None) -> dict[str, str]:
         chosen = self._language(channel, language)
         return self._labels(chosen)
+
+    async def record_receipt(
+        self, channel: str, provider_id: str, state: DeliveryState, error: str | None
+    ) -> bool:
+        delay = 0.1
+        deadline = asyncio.get_running_loop().time() + RECEIPT_WAIT_SECONDS
+        while True:
+            if await self.broadcaster.queue.record_receipt(channel, provider_id, state, error):
+                return True
+            if asyncio.get_running_loop().time() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def set_subscribed(
+        self, channel: str, address: str, *, subscribed: bool, source: str
+    ) -> bool:
+        return await self.broadcaster.audience.set_subscribed(
+            channel, address, subscribed=subscribed, source=source
+        )
 
     def _labels(self, language: str) -> dict[str, str]:
         library = self.broadcaster.library

@@ -31,6 +31,7 @@ from broadcaster.errors import (
     TransientError,
 )
 from broadcaster.models import (
+    AddressKind,
     Capabilities,
     ChannelFamily,
     ChannelLimits,
@@ -97,6 +98,7 @@ class Recipient:
 
     id: str
     language: str | None = None
+    address: str | None = None  # a subscriber's phone (E.164) or email, for their channel
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,9 @@ class Channel(ABC):
     default_rate_limit: ClassVar[RateLimit] = RateLimit()
     default_concurrency: ClassVar[int] = 8
     config_model: ClassVar[type[ChannelConfig]] = ChannelConfig
+    # A subscriber channel (SMS, email) delivers to each subscribed subscriber's address
+    # of this kind, fanned out from the store in batches; None: its own audience.
+    address_kind: ClassVar[AddressKind | None] = None
 
     def __init__(self, name: str, config: ChannelConfig, context: ChannelContext) -> None:
         self.name = name

@@ -22,6 +22,7 @@ from broadcaster.dispatch.retry import RetryPolicy
 from broadcaster.errors import ChannelBrokenError, PermanentError, PostGoneError, TransientError
 from broadcaster.models import ChannelRender, DeliveryAction, DeliveryState, Thread
 from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store, Target
+from broadcaster.store.subscribers import SubscriberStore
 from broadcaster.store.tables import utcnow
 from channels.base import Channel, Message, Recipient
 
@@ -30,6 +31,7 @@ log = logging.getLogger("broadcaster.dispatch")
 SEND_TIMEOUT_SECONDS = 60.0
 BROKEN_RECHECK_SECONDS = 2.0
 RENDERS_KEPT = 1024  # (update, channel) renders kept in memory, least recently used out
+FANOUT_BATCH = 2000  # subscribers turned into deliveries per transaction
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Dispatcher:
     ) -> None:
         self.store = store
         self.queue = DeliveryQueue(store)
+        self.subscribers = SubscriberStore(store)
         self.channels = dict(channels)
         self.settings = settings
         self.limiters = RateLimiters()
@@ -209,7 +212,10 @@ class Dispatcher:
                 await self._sleep(state, self.settings.poll_seconds)
                 continue
             state.look = False
+            fanning = False
             try:
+                if channel.address_kind is not None:  # subscribers: create the next batch
+                    fanning = await self.queue.advance_fanout(channel.name, FANOUT_BATCH)
                 claimed = await self.queue.claim(
                     channel.name, free, self.settings.sending_lease_seconds
                 )
@@ -225,10 +231,10 @@ class Dispatcher:
             if claimed:
                 state.unsettled += len(claimed)
                 await self._start_sends(channel, claimed)
-            if len(claimed) < free:  # nothing more is due now
+            if len(claimed) < free and not fanning:  # nothing more is due now
                 await self._sleep(state, self.settings.poll_seconds)
             else:
-                state.look = True  # a full claim: more may be due
+                state.look = True  # a full claim, or a fan-out going on: more may be due
 
     async def _sleep(self, state: _ChannelState, seconds: float) -> None:
         """Until woken, or `seconds`; then the queue is looked at again in any case."""
@@ -251,10 +257,28 @@ class Dispatcher:
         if channel.capabilities.threads:
             threads = await self.queue.threads(channel.name, claimed)
         targets = await self.queue.targets(claimed)
+        addresses: dict[int, str] = {}
+        if channel.address_kind is not None:
+            addresses = await self.subscribers.addresses(
+                channel.name, channel.address_kind, {int(c.recipient) for c in claimed}
+            )
         for item in claimed:
             target = targets.get(item.target_id) if item.target_id is not None else None
+            address = addresses.get(int(item.recipient)) if addresses else None
+            if channel.address_kind is not None and address is None:
+                # Opted out or erased since the fan-out: nothing goes to them.
+                gone = Outcome(item.id, DeliveryState.CANCELLED, last_error="unsubscribed")
+                self._outcomes.put_nowait((channel.name, gone, None))
+                continue
             task = asyncio.create_task(
-                self._send(channel, item, renders[item.update_id], threads.get(item.thread), target)
+                self._send(
+                    channel,
+                    item,
+                    renders[item.update_id],
+                    threads.get(item.thread),
+                    target,
+                    address,
+                )
             )
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
@@ -266,12 +290,15 @@ class Dispatcher:
         render: ChannelRender,
         thread: Thread | None,
         target: Target | None,
+        address: str | None,
     ) -> None:
         broken: str | None = None
         try:
             message = Message(
                 render=render,
-                recipient=Recipient(id=claimed.recipient, language=claimed.language),
+                recipient=Recipient(
+                    id=claimed.recipient, language=claimed.language, address=address
+                ),
                 thread=thread,
                 incident_id=claimed.incident_id,
                 update_id=claimed.update_id,

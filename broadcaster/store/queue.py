@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Integer, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Integer, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,9 +24,13 @@ from broadcaster.models import (
     Thread,
 )
 from broadcaster.store.engine import is_sqlite
-from broadcaster.store.store import Claimed, Store
+from broadcaster.store.store import Claimed, Store, delivery_key
+from broadcaster.store.subscribers import fanout_batch
 from broadcaster.store.tables import (
     DELIVERIES,
+    FANOUTS,
+    RENDERS,
+    UPDATES,
     ChannelHealthRow,
     DeliveryRow,
     LeaseRow,
@@ -149,6 +153,69 @@ def _claim_statement(sqlite: bool) -> Any:
         )
         .returning(*(table.c[f.name] for f in fields(Claimed)))
     )
+
+
+FANOUT_RUNNING = "running"
+
+
+def _fanout_step(conn: Connection, fanout: Any, limit: int) -> bool:
+    """One batch of a fan-out; True when it is over (done, or its update was cancelled,
+    retracted or superseded: nobody gets "investigating" after "resolved")."""
+    update_row = conn.execute(
+        select(
+            UPDATES.c.incident_id, UPDATES.c.seq, UPDATES.c.created_at, UPDATES.c.cancelled_at
+        ).where(UPDATES.c.id == fanout.update_id)
+    ).one()
+    newer = conn.execute(
+        select(UPDATES.c.channels).where(
+            UPDATES.c.incident_id == update_row.incident_id,
+            UPDATES.c.seq > update_row.seq,
+            UPDATES.c.cancelled_at.is_(None),
+        )
+    ).all()
+    ended = None
+    if update_row.cancelled_at is not None:
+        ended = "cancelled"
+    elif any(fanout.channel in (row.channels or []) for row in newer):
+        ended = "superseded"
+    batch = [] if ended else fanout_batch(conn, fanout.channel, fanout.cursor, limit)
+    render = conn.scalar(
+        select(RENDERS.c.render).where(
+            RENDERS.c.update_id == fanout.update_id, RENDERS.c.channel == fanout.channel
+        )
+    )
+    touched = list(((render or {}).get("facts") or {}).get("components") or {})
+    now = utcnow()
+    deliveries = [
+        {
+            "update_id": fanout.update_id,
+            "incident_id": update_row.incident_id,
+            "seq": update_row.seq,
+            "channel": fanout.channel,
+            "recipient": str(subscriber.id),
+            "language": subscriber.language,
+            "delivery_key": delivery_key(
+                fanout.update_id, update_row.created_at, fanout.channel, str(subscriber.id)
+            ),
+            "state": DeliveryState.QUEUED.value,
+            "created_at": now,
+        }
+        for subscriber in batch
+        if subscriber.follows(touched)
+    ]
+    if deliveries:
+        conn.execute(insert(_DELIVERIES), deliveries)
+    over = ended is not None or len(batch) < limit
+    conn.execute(
+        update(FANOUTS)
+        .where(FANOUTS.c.update_id == fanout.update_id, FANOUTS.c.channel == fanout.channel)
+        .values(
+            cursor=batch[-1].id if batch else fanout.cursor,
+            created=FANOUTS.c.created + len(deliveries),
+            state=(ended or "done") if over else FANOUT_RUNNING,
+        )
+    )
+    return over
 
 
 class DeliveryQueue:
@@ -295,6 +362,69 @@ class DeliveryQueue:
 
         await self.store.write_connection(write)
 
+    async def advance_fanout(self, channel: str, limit: int) -> bool:
+        """Turn the next batch of a channel's subscribers into deliveries of the oldest
+        running fan-out, in one transaction with its cursor (a crash resumes after the
+        last batch). True while a fan-out of the channel is still running."""
+
+        def write(conn: Connection) -> bool:
+            fanout = conn.execute(
+                select(FANOUTS)
+                .where(FANOUTS.c.channel == channel, FANOUTS.c.state == FANOUT_RUNNING)
+                .order_by(FANOUTS.c.update_id)
+                .limit(1)
+            ).one_or_none()
+            if fanout is None:
+                return False
+            done = _fanout_step(conn, fanout, limit)
+            if not done:
+                return True
+            return bool(
+                conn.scalar(
+                    select(func.count()).where(
+                        FANOUTS.c.channel == channel, FANOUTS.c.state == FANOUT_RUNNING
+                    )
+                )
+            )
+
+        return await self.store.write_connection(write)
+
+    async def record_receipt(
+        self, channel: str, provider_id: str, state: DeliveryState, error: str | None
+    ) -> bool:
+        """A provider's delivery receipt for the delivery it knows by `provider_id`:
+        `delivered`, `undelivered` or `failed` moves a `sent` delivery on; `sent` (the
+        provider handed it on) changes nothing. Receipts may come out of order, so a
+        delivery is never moved back. False when no delivery has that id (yet: a receipt
+        can beat the dispatcher's own record of the send)."""
+        table = _DELIVERIES
+        now = utcnow()
+        values: dict[str, Any] = {"state": state.value, "updated_at": now}
+        if error is not None:
+            values["last_error"] = error
+
+        def write(conn: Connection) -> bool:
+            if state is not DeliveryState.SENT:
+                changed = conn.execute(
+                    update(table)
+                    .where(
+                        table.c.channel == channel,
+                        table.c.provider_id == provider_id,
+                        table.c.state == DeliveryState.SENT.value,
+                    )
+                    .values(values)
+                ).rowcount
+                if changed:
+                    return True
+            known = conn.scalar(
+                select(func.count()).where(
+                    table.c.channel == channel, table.c.provider_id == provider_id
+                )
+            )
+            return bool(known)  # already at or past this state: nothing to do
+
+        return await self.store.write_connection(write)
+
     async def resume_sending(self, *, everything: bool) -> int:
         """Queue again deliveries left `sending` by a process that died.
 
@@ -328,12 +458,16 @@ class DeliveryQueue:
     ) -> int:
         """Deliveries still queued or sending (of these updates, outside these channels)."""
         query = select(func.count()).where(DeliveryRow.state.in_(_PENDING))
+        # A fan-out still creating deliveries counts as one pending.
+        fanouts = select(func.count()).where(FANOUTS.c.state == FANOUT_RUNNING)
         if update_ids is not None:
             query = query.where(DeliveryRow.update_id.in_(update_ids))
+            fanouts = fanouts.where(FANOUTS.c.update_id.in_(update_ids))
         if except_channels:
             query = query.where(DeliveryRow.channel.not_in(except_channels))
+            fanouts = fanouts.where(FANOUTS.c.channel.not_in(except_channels))
         async with self.store.sessions() as session:
-            return int(await session.scalar(query) or 0)
+            return int(await session.scalar(query) or 0) + int(await session.scalar(fanouts) or 0)
 
     # -- leases -------------------------------------------------------------------
 

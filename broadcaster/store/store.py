@@ -56,6 +56,7 @@ from broadcaster.store.tables import (
     AUDIT,
     DELIVERIES,
     DRAFTS,
+    FANOUTS,
     INCIDENTS,
     RENDERS,
     UPDATES,
@@ -101,6 +102,7 @@ class ChannelPlan:
     render: ChannelRender
     recipients: list[tuple[str, str | None]]  # (recipient id, language)
     edits: bool = False  # a correction edits the corrected update's posts in place
+    fanout: bool = False  # to subscribers: deliveries created in batches (`fanouts`)
 
 
 @dataclass(frozen=True)
@@ -619,6 +621,7 @@ class Store:
             )
         claim = plan.claim_lease_seconds is not None and plan.incident_id is None
         targets = _correction_targets(conn, plan)
+        fanouts = [name for name, channel_plan in plan.channels.items() if channel_plan.fanout]
         deliveries = [
             {
                 "update_id": update_id,
@@ -653,11 +656,20 @@ class Store:
                     "status": plan.status.value,
                     "channels": list(plan.channels),
                     "deliveries": len(deliveries),
+                    "fanouts": fanouts,
                     "superseded": superseded,
                     "publish_key": plan.publish_key,
                 },
             )
         )
+        if fanouts:
+            conn.execute(
+                insert(FANOUTS),
+                [
+                    {"update_id": update_id, "channel": name, "cursor": 0, "state": "running"}
+                    for name in fanouts
+                ],
+            )
         if deliveries and claim:
             returning = insert(DELIVERIES).returning(
                 *(DELIVERIES.c[f.name] for f in fields(Claimed)), sort_by_parameter_order=True
@@ -1037,6 +1049,16 @@ class Store:
                     )
                 )
             return result
+
+    async def deliveries_to(self, recipient: str, channels: Sequence[str]) -> list[Delivery]:
+        """Every delivery to one recipient of these channels (a subscriber's history)."""
+        query = (
+            select(DeliveryRow)
+            .where(DeliveryRow.recipient == recipient, DeliveryRow.channel.in_(list(channels)))
+            .order_by(DeliveryRow.id)
+        )
+        async with self.sessions() as session:
+            return [delivery_model(r) for r in (await session.scalars(query)).all()]
 
     async def deliveries(
         self,

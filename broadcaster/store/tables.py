@@ -109,6 +109,7 @@ class DeliveryRow(Base):
         Index("ix_deliveries_update_state", "update_id", "state"),
         Index("ix_deliveries_incident", "incident_id", "channel"),
         Index("ix_deliveries_target", "target_id"),
+        Index("ix_deliveries_provider", "channel", "provider_id"),  # delivery receipts
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -195,6 +196,50 @@ class ChannelHealthRow(Base):
     broken_at: Mapped[datetime | None]
 
 
+class SubscriberRow(Base):
+    """A person who asked to be told. Their addresses live here only: deliveries name the
+    subscriber by id, so erasing this row erases them."""
+
+    __tablename__ = "subscribers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    phone: Mapped[str | None] = mapped_column(String(20), unique=True, doc="E.164")
+    email: Mapped[str | None] = mapped_column(String(320), unique=True)
+    language: Mapped[str] = mapped_column(String(20))
+    components: Mapped[list[str] | None] = mapped_column(doc="NULL: every component")
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime | None]
+
+
+class SubscriptionRow(Base):
+    """A subscriber's consent for one channel; opting out keeps the row (until opt-in)."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (Index("ix_subscriptions_fanout", "channel", "subscribed", "subscriber_id"),)
+
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True
+    )
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    subscribed: Mapped[bool]
+    changed_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(50), doc="cli, api, csv, sms STOP…")
+
+
+class FanoutRow(Base):
+    """An update's deliveries to a subscriber channel, created in batches: `cursor` is the
+    last subscriber id done, so a crash resumes after it."""
+
+    __tablename__ = "fanouts"
+
+    update_id: Mapped[int] = mapped_column(ForeignKey("updates.id"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(100), primary_key=True)
+    cursor: Mapped[int] = mapped_column(default=0)
+    state: Mapped[str] = mapped_column(String(20), index=True, doc="running, done, superseded")
+    created: Mapped[int] = mapped_column(default=0, doc="deliveries created so far")
+
+
 # The tables for Core statements on the hot paths (publish, claim, settle): no ORM
 # unit of work, which cost more than the SQL itself.
 DELIVERIES = cast(Table, DeliveryRow.__table__)
@@ -203,3 +248,6 @@ UPDATES = cast(Table, UpdateRow.__table__)
 RENDERS = cast(Table, RenderRow.__table__)
 AUDIT = cast(Table, AuditRow.__table__)
 DRAFTS = cast(Table, DraftRow.__table__)
+SUBSCRIBERS = cast(Table, SubscriberRow.__table__)
+SUBSCRIPTIONS = cast(Table, SubscriptionRow.__table__)
+FANOUTS = cast(Table, FanoutRow.__table__)

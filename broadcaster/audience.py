@@ -1,0 +1,167 @@
+"""Managing subscribers: add, import, list, export, erase, opt in and out — what the CLI,
+the `/v1/subscribers` API and inbound provider callbacks (STOP/START) call."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from broadcaster.errors import BroadcasterError, NotFoundError
+from broadcaster.models import (
+    Delivery,
+    ImportReport,
+    NewSubscriber,
+    RejectedRow,
+    Subscriber,
+)
+from broadcaster.store import Store
+from broadcaster.store.subscribers import SubscriberStore
+from broadcaster.subscribers import Address, InvalidSubscriberError, mask, normalise, read_csv
+from channels.base import Channel
+
+__all__ = ["Audience"]
+
+log = logging.getLogger("broadcaster.subscribers")
+
+
+class Audience:
+    """The subscribers of the configured subscriber channels (those with an address kind)."""
+
+    def __init__(
+        self,
+        store: Store,
+        channels: Mapping[str, Channel],
+        *,
+        components: Mapping[str, str],
+        default_region: str | None,
+    ) -> None:
+        self.store = store
+        self.rows = SubscriberStore(store)
+        self.kinds = {n: c.address_kind for n, c in channels.items() if c.address_kind}
+        self.components = components
+        self.default_region = default_region
+
+    def _channels_for(self, new: NewSubscriber, address: Address) -> list[str]:
+        """The channels a new subscriber agreed to: as given, or every subscriber channel
+        they have an address for."""
+        reachable = [name for name, kind in self.kinds.items() if address.of(kind)]
+        if new.channels is None:
+            if not reachable:
+                kinds = ", ".join(f"{n} ({k.value})" for n, k in self.kinds.items())
+                raise InvalidSubscriberError(
+                    f"no subscriber channel can reach them — configured: {kinds or 'none'}"
+                )
+            return reachable
+        for name in new.channels:
+            if name not in self.kinds:
+                raise InvalidSubscriberError(
+                    f"'{name}' is not a subscriber channel — configured: "
+                    f"{', '.join(self.kinds) or 'none'}"
+                )
+            if name not in reachable:
+                kind = self.kinds[name].value
+                raise InvalidSubscriberError(f"channel '{name}' needs a {kind}, and none is given")
+        return list(new.channels)
+
+    def _check(self, new: NewSubscriber) -> tuple[Address, list[str]]:
+        address = normalise(new, self.default_region)
+        unknown = [c for c in new.components or () if self.components and c not in self.components]
+        if unknown:
+            raise InvalidSubscriberError(
+                f"unknown component '{unknown[0]}' — configured: {', '.join(self.components)}"
+            )
+        return address, self._channels_for(new, address)
+
+    async def add(self, new: NewSubscriber, *, source: str) -> Subscriber:
+        """Validate and store one subscriber (an address seen before is an error)."""
+        address, channels = self._check(new)
+        subscriber, _ = await self.rows.add(new, address, channels, source=source)
+        log.info(
+            "subscriber #%d added (%s, %s) to %s",
+            subscriber.id,
+            mask(address.phone),
+            mask(address.email),
+            ", ".join(channels),
+        )
+        return subscriber
+
+    async def import_csv(self, lines: Iterable[str], *, source: str = "csv") -> ImportReport:
+        """Add or update every valid row; each refused row is reported with its reason.
+        A subscriber who opted out stays opted out."""
+        report = ImportReport()
+        for line, row in read_csv(lines):
+            if isinstance(row, str):
+                report.rejected.append(RejectedRow(line=line, reason=row))
+                continue
+            try:
+                address, channels = self._check(row)
+                _, created = await self.rows.add(
+                    row, address, channels, source=source, replace=True
+                )
+            except BroadcasterError as exc:
+                report.rejected.append(RejectedRow(line=line, reason=str(exc)))
+                continue
+            if created:
+                report.added += 1
+            else:
+                report.updated += 1
+        log.info(
+            "subscribers imported: %d added, %d updated, %d rejected",
+            report.added,
+            report.updated,
+            len(report.rejected),
+        )
+        return report
+
+    async def list(
+        self, *, channel: str | None = None, after: int = 0, limit: int = 100
+    ) -> list[Subscriber]:
+        if channel is not None and channel not in self.kinds:
+            raise NotFoundError(f"'{channel}' is not a subscriber channel")
+        return await self.rows.list(channel=channel, after=after, limit=limit)
+
+    async def get(self, subscriber_id: int) -> Subscriber:
+        return await self.rows.get(subscriber_id)
+
+    async def export(self, subscriber_id: int) -> dict[str, Any]:
+        """Everything kept about one subscriber: who they are, their consents, and what
+        was sent to them (for a data-access request)."""
+        subscriber = await self.rows.get(subscriber_id)
+        deliveries = await self.store.deliveries_to(str(subscriber_id), list(subscriber.channels))
+        return {
+            "subscriber": subscriber.model_dump(mode="json"),
+            "deliveries": [_delivery_json(d) for d in deliveries],
+        }
+
+    async def erase(self, subscriber_id: int) -> Subscriber:
+        """Remove a subscriber and what identifies them (see SubscriberStore.erase)."""
+        erased = await self.rows.erase(subscriber_id)
+        log.info("subscriber #%d erased", subscriber_id)
+        return erased
+
+    async def set_subscribed(
+        self, channel: str, address: str, *, subscribed: bool, source: str
+    ) -> bool:
+        """Opt whoever has this address in or out of a channel; False when nobody has it."""
+        kind = self.kinds.get(channel)
+        if kind is None:
+            raise NotFoundError(f"'{channel}' is not a subscriber channel")
+        found = await self.rows.set_subscribed(
+            channel, kind, address, subscribed=subscribed, source=source
+        )
+        log.info(
+            "%s: %s %s (%s)",
+            channel,
+            mask(address),
+            "opted in" if subscribed else "opted out",
+            source if found is not None else f"{source}, no such subscriber",
+        )
+        return found is not None
+
+
+def _delivery_json(delivery: Delivery) -> dict[str, Any]:
+    return delivery.model_dump(
+        mode="json",
+        include={"update_id", "incident_id", "channel", "state", "created_at", "updated_at"},
+    )

@@ -1,0 +1,286 @@
+"""Subscribers in the store: who they are, which channels they agreed to, and the batches
+an update's fan-out reads them in."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from broadcaster.errors import BroadcasterError, NotFoundError
+from broadcaster.models import AddressKind, NewSubscriber, Subscriber
+from broadcaster.store.store import Store
+from broadcaster.store.tables import (
+    DELIVERIES,
+    SUBSCRIBERS,
+    SUBSCRIPTIONS,
+    utcnow,
+)
+from broadcaster.subscribers import Address
+
+__all__ = ["Reachable", "SubscriberStore", "fanout_batch"]
+
+
+@dataclass(frozen=True)
+class Reachable:
+    """A subscriber a fan-out delivers to: id, language, the components they follow."""
+
+    id: int
+    language: str
+    components: list[str] | None
+
+    def follows(self, components: Collection[str]) -> bool:
+        """True when the update touches a component they follow (or they follow all)."""
+        return (
+            self.components is None
+            or not components
+            or bool(set(self.components) & set(components))
+        )
+
+
+def fanout_batch(conn: Connection, channel: str, after: int, limit: int) -> list[Reachable]:
+    """The next subscribed subscribers of a channel, by id, after `after`."""
+    rows = conn.execute(
+        select(SUBSCRIBERS.c.id, SUBSCRIBERS.c.language, SUBSCRIBERS.c.components)
+        .join(SUBSCRIPTIONS, SUBSCRIPTIONS.c.subscriber_id == SUBSCRIBERS.c.id)
+        .where(
+            SUBSCRIPTIONS.c.channel == channel,
+            SUBSCRIPTIONS.c.subscribed.is_(True),
+            SUBSCRIPTIONS.c.subscriber_id > after,
+        )
+        .order_by(SUBSCRIPTIONS.c.subscriber_id)
+        .limit(limit)
+    ).all()
+    return [Reachable(id=r.id, language=r.language, components=r.components) for r in rows]
+
+
+def _model(row: Any, channels: dict[str, bool]) -> Subscriber:
+    return Subscriber(
+        id=row.id,
+        phone=row.phone,
+        email=row.email,
+        language=row.language,
+        components=row.components,
+        timezone=row.timezone,
+        channels=channels,
+        created_at=row.created_at,
+    )
+
+
+class SubscriberStore:
+    """Subscriber operations over a store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def add(
+        self,
+        new: NewSubscriber,
+        address: Address,
+        channels: Sequence[str],
+        *,
+        source: str,
+        replace: bool = False,
+    ) -> tuple[Subscriber, bool]:
+        """Store a subscriber subscribed to `channels`; (subscriber, created). The same
+        phone or email again is an error, or with `replace` an update of that subscriber
+        (a CSV import run twice changes nothing)."""
+
+        def add(session: Session) -> tuple[Subscriber, bool]:
+            conn = session.connection()
+            now = utcnow()
+            values = {
+                "phone": address.phone,
+                "email": address.email,
+                "language": new.language,
+                "components": new.components,
+                "timezone": new.timezone,
+            }
+            same = []
+            if address.phone:
+                same.append(SUBSCRIBERS.c.phone == address.phone)
+            if address.email:
+                same.append(SUBSCRIBERS.c.email == address.email)
+            existing = conn.execute(select(SUBSCRIBERS.c.id).where(or_(*same))).all()
+            if len(existing) > 1:
+                raise BroadcasterError(
+                    "the phone and the email belong to two different subscribers "
+                    f"(#{existing[0].id}, #{existing[1].id})"
+                )
+            if existing and not replace:
+                raise BroadcasterError(f"already a subscriber (#{existing[0].id})")
+            if existing:
+                subscriber_id = existing[0].id
+                conn.execute(
+                    update(SUBSCRIBERS)
+                    .where(SUBSCRIBERS.c.id == subscriber_id)
+                    .values(**values, updated_at=now)
+                )
+            else:
+                subscriber_id = conn.execute(
+                    insert(SUBSCRIBERS).values(**values, created_at=now).returning(SUBSCRIBERS.c.id)
+                ).scalar_one()
+            # Only channels they have no say about yet: an opt-out stands until they opt in
+            # again themselves (an import run again must not undo a STOP).
+            known = _consents(conn, [subscriber_id]).get(subscriber_id, {})
+            fresh = [c for c in channels if c not in known]
+            _subscribe(conn, subscriber_id, fresh, subscribed=True, source=source, now=now)
+            return _get(conn, subscriber_id), not existing
+
+        try:
+            return await self.store.write_session(add)
+        except IntegrityError:  # a concurrent add of the same address
+            raise BroadcasterError("already a subscriber") from None
+
+    async def get(self, subscriber_id: int) -> Subscriber:
+        return await self.store.read_session(lambda s: _get(s.connection(), subscriber_id))
+
+    async def list(
+        self, *, channel: str | None = None, after: int = 0, limit: int = 100
+    ) -> list[Subscriber]:
+        """A page of subscribers by id (of one channel's subscribed ones, if given)."""
+
+        def page(session: Session) -> list[Subscriber]:
+            conn = session.connection()
+            query = select(SUBSCRIBERS).where(SUBSCRIBERS.c.id > after)
+            if channel is not None:
+                query = query.join(
+                    SUBSCRIPTIONS, SUBSCRIPTIONS.c.subscriber_id == SUBSCRIBERS.c.id
+                ).where(SUBSCRIPTIONS.c.channel == channel, SUBSCRIPTIONS.c.subscribed.is_(True))
+            rows = conn.execute(query.order_by(SUBSCRIBERS.c.id).limit(limit)).all()
+            consents = _consents(conn, [r.id for r in rows])
+            return [_model(r, consents.get(r.id, {})) for r in rows]
+
+        return await self.store.read_session(page)
+
+    async def count(self) -> int:
+        return await self.store.read_session(
+            lambda s: int(s.connection().scalar(select(func.count()).select_from(SUBSCRIBERS)) or 0)
+        )
+
+    async def erase(self, subscriber_id: int) -> Subscriber:
+        """Remove a subscriber and what could identify them: the row, their consents, and
+        provider error texts of their deliveries (which may quote the address). Their
+        delivery rows stay (counts and receipts), naming an id that no longer exists."""
+
+        def erase(session: Session) -> Subscriber:
+            conn = session.connection()
+            erased = _get(conn, subscriber_id)
+            recipient = str(subscriber_id)
+            conn.execute(
+                update(DELIVERIES)
+                .where(
+                    DELIVERIES.c.recipient == recipient,
+                    DELIVERIES.c.channel.in_(list(erased.channels)),
+                    DELIVERIES.c.last_error.is_not(None),
+                )
+                .values(last_error="(erased)")
+            )
+            conn.execute(
+                delete(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.subscriber_id == subscriber_id)
+            )
+            conn.execute(delete(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id))
+            return erased
+
+        return await self.store.write_session(erase)
+
+    async def set_subscribed(
+        self,
+        channel: str,
+        kind: AddressKind,
+        address: str,
+        *,
+        subscribed: bool,
+        source: str,
+    ) -> int | None:
+        """Opt the subscriber with this address in or out of a channel (STOP/START,
+        unsubscribe links); their id, or None when nobody has that address."""
+        column = SUBSCRIBERS.c.phone if kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+
+        def change(session: Session) -> int | None:
+            conn = session.connection()
+            found = conn.scalar(select(SUBSCRIBERS.c.id).where(column == address))
+            if found is not None:
+                _subscribe(
+                    conn, found, [channel], subscribed=subscribed, source=source, now=utcnow()
+                )
+            return found
+
+        return await self.store.write_session(change)
+
+    async def addresses(
+        self, channel: str, kind: AddressKind, subscriber_ids: Collection[int]
+    ) -> dict[int, str]:
+        """The address of each of these subscribers still subscribed to the channel."""
+        column = SUBSCRIBERS.c.phone if kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+        if not subscriber_ids:
+            return {}
+        async with self.store.engine.connect() as conn:  # a read: no write lock
+            rows = (
+                await conn.execute(
+                    select(SUBSCRIBERS.c.id, column)
+                    .join(SUBSCRIPTIONS, SUBSCRIPTIONS.c.subscriber_id == SUBSCRIBERS.c.id)
+                    .where(
+                        SUBSCRIBERS.c.id.in_(list(subscriber_ids)),
+                        SUBSCRIPTIONS.c.channel == channel,
+                        SUBSCRIPTIONS.c.subscribed.is_(True),
+                        column.is_not(None),
+                    )
+                )
+            ).all()
+        return {row[0]: row[1] for row in rows}
+
+
+def _get(conn: Connection, subscriber_id: int) -> Subscriber:
+    row = conn.execute(select(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id)).one_or_none()
+    if row is None:
+        raise NotFoundError(f"no subscriber #{subscriber_id}")
+    return _model(row, _consents(conn, [subscriber_id]).get(subscriber_id, {}))
+
+
+def _consents(conn: Connection, ids: Sequence[int]) -> dict[int, dict[str, bool]]:
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(
+            SUBSCRIPTIONS.c.subscriber_id, SUBSCRIPTIONS.c.channel, SUBSCRIPTIONS.c.subscribed
+        ).where(SUBSCRIPTIONS.c.subscriber_id.in_(list(ids)))
+    ).all()
+    consents: dict[int, dict[str, bool]] = {}
+    for subscriber_id, channel, subscribed in rows:
+        consents.setdefault(subscriber_id, {})[channel] = bool(subscribed)
+    return consents
+
+
+def _subscribe(
+    conn: Connection,
+    subscriber_id: int,
+    channels: Sequence[str],
+    *,
+    subscribed: bool,
+    source: str,
+    now: datetime,
+) -> None:
+    for channel in channels:
+        changed = conn.execute(
+            update(SUBSCRIPTIONS)
+            .where(
+                SUBSCRIPTIONS.c.subscriber_id == subscriber_id, SUBSCRIPTIONS.c.channel == channel
+            )
+            .values(subscribed=subscribed, changed_at=now, source=source)
+        )
+        if changed.rowcount == 0:
+            conn.execute(
+                insert(SUBSCRIPTIONS).values(
+                    subscriber_id=subscriber_id,
+                    channel=channel,
+                    subscribed=subscribed,
+                    changed_at=now,
+                    source=source,
+                )
+            )

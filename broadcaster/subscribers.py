@@ -1,0 +1,123 @@
+"""Subscribers as people give them: phone numbers normalised to E.164 (`phonenumbers`),
+emails validated (`email-validator`), CSV rows read with a reason for each one refused,
+and addresses masked for logs.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from broadcaster.errors import BroadcasterError
+from broadcaster.models import AddressKind, NewSubscriber
+
+__all__ = [
+    "CSV_COLUMNS",
+    "Address",
+    "InvalidSubscriberError",
+    "mask",
+    "normalise_email",
+    "normalise_phone",
+    "read_csv",
+]
+
+# Columns a CSV may have (a header row names them); `components` and `channels` are
+# separated by spaces or semicolons.
+CSV_COLUMNS = ("phone", "email", "language", "components", "timezone", "channels")
+
+
+class InvalidSubscriberError(BroadcasterError):
+    """A phone number, email or row that cannot be a subscriber; says why."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A subscriber's normalised addresses."""
+
+    phone: str | None
+    email: str | None
+
+    def of(self, kind: AddressKind) -> str | None:
+        return self.phone if kind is AddressKind.PHONE else self.email
+
+
+def normalise_phone(raw: str, region: str | None) -> str:
+    """E.164 (+33612345678), or InvalidSubscriberError saying what is wrong."""
+    import phonenumbers
+
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException as exc:
+        hint = "" if region else " (write it with +country code, or set subscribers.default_region)"
+        raise InvalidSubscriberError(f"phone '{raw}' is not a phone number{hint}: {exc}") from None
+    if not phonenumbers.is_valid_number(number):
+        raise InvalidSubscriberError(f"phone '{raw}' is not a valid number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def normalise_email(raw: str) -> str:
+    """The address as mail systems compare it, or InvalidSubscriberError."""
+    from email_validator import EmailNotValidError, validate_email
+
+    try:
+        return validate_email(raw.strip(), check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise InvalidSubscriberError(f"email '{raw}' is not valid: {exc}") from None
+
+
+def normalise(new: NewSubscriber, region: str | None) -> Address:
+    """Both addresses normalised; at least one is required."""
+    phone = normalise_phone(new.phone, region) if new.phone else None
+    email = normalise_email(new.email) if new.email else None
+    if phone is None and email is None:
+        raise InvalidSubscriberError("a subscriber needs a phone number or an email")
+    return Address(phone=phone, email=email)
+
+
+def mask(address: str | None) -> str:
+    """An address as logs may show it: +336•••••78, j•••@example.com."""
+    if not address:
+        return "-"
+    if "@" in address:
+        local, _, domain = address.partition("@")
+        return f"{local[:1]}•••@{domain}"
+    return f"{address[:4]}•••••{address[-2:]}" if len(address) > 6 else "•••"
+
+
+def _split(value: str | None) -> list[str] | None:
+    parts = [p for p in (value or "").replace(";", " ").split() if p]
+    return parts or None
+
+
+def read_csv(lines: Iterable[str]) -> Iterator[tuple[int, NewSubscriber | str]]:
+    """(line number, subscriber or the reason the row is refused) for each data row; the
+    first row names the columns (see CSV_COLUMNS)."""
+    reader = csv.DictReader(lines)
+    unknown = [c for c in reader.fieldnames or () if c and c.strip() not in CSV_COLUMNS]
+    if not reader.fieldnames or unknown:
+        raise InvalidSubscriberError(
+            f"CSV header must name columns among {', '.join(CSV_COLUMNS)}"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        )
+    for row in reader:
+        line = reader.line_num
+        values = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k}
+        try:
+            yield (
+                line,
+                NewSubscriber(
+                    phone=values.get("phone") or None,
+                    email=values.get("email") or None,
+                    language=values.get("language") or "en",
+                    components=_split(values.get("components")),
+                    timezone=values.get("timezone") or None,
+                    channels=_split(values.get("channels")),
+                ),
+            )
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            yield line, f"{where}: {error['msg']}"
