@@ -117,7 +117,9 @@ class Broadcaster:
         settings = settings or load_settings(config)
         base_dir = settings.resolve_path(Path("."))
         context = ChannelContext(
-            base_dir=base_dir, data_dir=settings.resolve_path(settings.data_dir)
+            base_dir=base_dir,
+            data_dir=settings.resolve_path(settings.data_dir),
+            public_url=settings.serve.public_url,
         )
         channels = build_channels(settings, context)
         templates_dir = (

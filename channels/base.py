@@ -127,6 +127,9 @@ class ChannelContext:
     data_dir: Path
     render_public_site: PublicSiteRenderer | None = None
     support_desk: SupportDesk | None = None
+    # Where `broadcaster serve` is reached from outside (serve.public_url), for links
+    # and callbacks a provider calls back (Twilio's StatusCallback); None: not set.
+    public_url: str | None = None
 
 
 @dataclass(frozen=True)
