@@ -9,6 +9,7 @@ async with await Broadcaster.open() as b:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ from broadcaster.templates import RenderContext, TemplateLibrary
 from channels.base import Channel, ChannelContext
 
 log = logging.getLogger("broadcaster.core")
+RETENTION_CHECK_SECONDS = 3600.0
 
 _IMPACT_OF_STATE = {
     ComponentState.MAJOR_OUTAGE: Impact.MAJOR,
@@ -509,7 +511,30 @@ class Broadcaster:
         async def stopped() -> bool:
             return stop.is_set()
 
-        await asyncio.gather(self.backend.drive(stopped), self.alerts.release_held_until(stop))
+        await asyncio.gather(
+            self.backend.drive(stopped),
+            self.alerts.release_held_until(stop),
+            self._forget_old_deliveries_until(stop),
+        )
+
+    async def _forget_old_deliveries_until(self, stop: asyncio.Event) -> None:
+        """With `subscribers.retention_days`: once an hour, delete subscriber deliveries
+        (SMS, email… records of who was sent what) older than that."""
+        days = self.settings.subscribers.retention_days
+        channels = list(self.audience.kinds)
+        if days is None or not channels:
+            return
+        while not stop.is_set():
+            try:
+                forgotten = await self.store.forget_deliveries(
+                    channels, older_than=datetime.now(UTC) - timedelta(days=days)
+                )
+                if forgotten:
+                    log.info("forgot %d subscriber deliveries older than %d days", forgotten, days)
+            except Exception:  # the store is busy or briefly gone: next hour
+                log.exception("could not forget old subscriber deliveries")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=RETENTION_CHECK_SECONDS)
 
     async def dispatch_problem(self) -> str | None:
         """Why dispatch looks stalled, or None: for readiness probes."""

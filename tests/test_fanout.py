@@ -149,3 +149,20 @@ async def test_a_newer_update_or_a_cancel_stops_a_running_fanout(store: Store) -
     superseded = await store.deliveries(update_id=first.id)
     assert {d.state for d in superseded} == {DeliveryState.SUPERSEDED}
     assert await queue.pending_count() == 6  # the resolution's; no fan-out left running
+
+
+async def test_retention_forgets_settled_deliveries_only(store: Store) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    await subscribe(store, 4)
+    settled, _ = await store.publish(plan())
+    queue = DeliveryQueue(store)
+    await run_fanout(queue, batch=10)
+    await store.cancel_update(settled.id, "test")  # 4 cancelled: settled
+    still, _ = await store.publish(plan())
+    await run_fanout(queue, batch=10)  # 4 queued: still the dispatcher's business
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert await store.forget_deliveries(["other"], older_than=later) == 0
+    assert await store.forget_deliveries([CHANNEL], older_than=later, batch=3) == 4
+    assert await store.deliveries(update_id=settled.id) == []
+    assert len(await store.deliveries(update_id=still.id)) == 4

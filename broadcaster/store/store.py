@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
@@ -1049,6 +1049,34 @@ class Store:
                     )
                 )
             return result
+
+    async def forget_deliveries(
+        self, channels: Sequence[str], *, older_than: datetime, batch: int = 5000
+    ) -> int:
+        """Delete settled deliveries of these channels created before `older_than`, a
+        batch per transaction (a retention policy); how many were deleted."""
+        pending = [s.value for s in (DeliveryState.QUEUED, DeliveryState.SENDING)]
+        old = (
+            select(DELIVERIES.c.id)
+            .where(
+                DELIVERIES.c.channel.in_(list(channels)),
+                DELIVERIES.c.created_at < older_than,
+                DELIVERIES.c.state.not_in(pending),
+            )
+            .limit(batch)
+        )
+        total = 0
+        while True:
+            deleted: int = await self.write_connection(
+                lambda conn: (
+                    conn.execute(
+                        delete(DELIVERIES).where(DELIVERIES.c.id.in_(old.scalar_subquery()))
+                    ).rowcount
+                )
+            )
+            total += deleted
+            if deleted < batch:
+                return total
 
     async def deliveries_to(self, recipient: str, channels: Sequence[str]) -> list[Delivery]:
         """Every delivery to one recipient of these channels (a subscriber's history)."""
