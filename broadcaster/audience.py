@@ -9,9 +9,11 @@ from typing import Any
 
 from broadcaster.errors import BroadcasterError, NotFoundError
 from broadcaster.models import (
+    ChannelRender,
     Delivery,
     ImportReport,
     NewSubscriber,
+    Reach,
     RejectedRow,
     Subscriber,
 )
@@ -113,6 +115,22 @@ class Audience:
             len(report.rejected),
         )
         return report
+
+    async def reach(self, render: ChannelRender) -> Reach:
+        """How many subscribers an update rendered so would reach on its channel, per
+        language it would go out in, and the SMS segments that costs."""
+        touched = list(render.facts.get("components") or {})
+        languages = await self.rows.reach(render.channel, touched)
+        recipients: dict[str, int] = {}
+        for language, count in languages.items():
+            shown = render.variant(language).language
+            recipients[shown] = recipients.get(shown, 0) + count
+        segments = {m.language: m.sms_segments for m in render.measures}
+        cost = [segments.get(language) for language in recipients]
+        total = None
+        if recipients and all(c is not None for c in cost):
+            total = sum((segments[lang] or 0) * n for lang, n in recipients.items())
+        return Reach(channel=render.channel, recipients=recipients, sms_segments=total)
 
     async def list(
         self, *, channel: str | None = None, after: int = 0, limit: int = 100

@@ -331,8 +331,15 @@ class Broadcaster:
         return max(impacts, key=_IMPACT_ORDER.index)
 
     async def preview(self, request: UpdateRequest, incident_id: int | None = None) -> Preview:
-        """Every channel's text and measures and every failed check; nothing is stored."""
+        """Every channel's text and measures and every failed check, and whom each
+        subscriber channel would reach (with the SMS segments it would cost); nothing is
+        stored."""
         _plan, preview = await self._plan(request, incident_id)
+        preview.reach = [
+            await self.audience.reach(render)
+            for render in preview.renders
+            if render.channel in self.audience.kinds
+        ]
         return preview
 
     # -- publishing -----------------------------------------------------------------

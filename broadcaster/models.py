@@ -313,12 +313,26 @@ class CheckFailure(BaseModel):
         return f"{self.channel}: {self.message}" if self.channel else self.message
 
 
+class Reach(BaseModel):
+    """Whom a subscriber channel would reach with an update, and what it costs."""
+
+    channel: str
+    recipients: dict[str, int] = Field(description="rendered language -> subscribers")
+    sms_segments: int | None = Field(default=None, description="SMS channels: in total")
+
+    @property
+    def total(self) -> int:
+        return sum(self.recipients.values())
+
+
 class Preview(BaseModel):
-    """What publishing would send: every channel's render and every failed check."""
+    """What publishing would send: every channel's render and every failed check, and
+    how many subscribers each subscriber channel would reach."""
 
     request: UpdateRequest
     renders: list[ChannelRender]
     failures: list[CheckFailure]
+    reach: list[Reach] = Field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -18,6 +18,7 @@ from broadcaster.models import (
     DeliveryState,
     Incident,
     Preview,
+    Reach,
     Retraction,
 )
 
@@ -75,8 +76,11 @@ def preview_view(preview: Preview, *, max_lines: int | None = None) -> Renderabl
 
     `max_lines` shortens long texts (the demo); a real preview shows everything."""
     parts: list[RenderableType] = []
+    reach = {r.channel: r for r in preview.reach}
     for render in preview.renders:
         measures = " | ".join(f"{m.language}: {m.describe()}" for m in render.measures)
+        if render.channel in reach:
+            measures += f" — {reach_line(reach[render.channel])}"
         text = (
             render.text()
             if render.joined
@@ -105,6 +109,15 @@ def preview_view(preview: Preview, *, max_lines: int | None = None) -> Renderabl
     else:
         parts.append(Text("✓ all checks passed", style="green"))
     return Group(*parts)
+
+
+def reach_line(reach: Reach) -> str:
+    """ "to 1,204 subscribers (en 1,000, fr 204), 2,408 SMS segments" """
+    languages = ", ".join(f"{lang} {n:,}" for lang, n in sorted(reach.recipients.items()))
+    line = f"to {reach.total:,} subscribers" + (f" ({languages})" if languages else "")
+    if reach.sms_segments is not None:
+        line += f", {reach.sms_segments:,} SMS segments"
+    return line
 
 
 def incidents_table(incidents: Sequence[Incident]) -> Table:

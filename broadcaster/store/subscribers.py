@@ -137,6 +137,26 @@ class SubscriberStore:
         except IntegrityError:  # a concurrent add of the same address
             raise BroadcasterError("already a subscriber") from None
 
+    async def reach(
+        self, channel: str, touched: Collection[str], *, batch: int = 10_000
+    ) -> dict[str, int]:
+        """Subscribed subscribers of a channel who follow a touched component, counted
+        by their language; read in batches (a million subscribers never sit in memory)."""
+        counts: dict[str, int] = {}
+        after = 0
+
+        def read(session: Session) -> list[Reachable]:
+            return fanout_batch(session.connection(), channel, after, batch)
+
+        while True:
+            page = await self.store.read_session(read)
+            for subscriber in page:
+                if subscriber.follows(touched):
+                    counts[subscriber.language] = counts.get(subscriber.language, 0) + 1
+            if len(page) < batch:
+                return counts
+            after = page[-1].id
+
     async def get(self, subscriber_id: int) -> Subscriber:
         return await self.store.read_session(lambda s: _get(s.connection(), subscriber_id))
 
