@@ -39,11 +39,14 @@ from broadcaster.models import (
     Draft,
     DraftState,
     Impact,
+    ImportReport,
     Incident,
     IncidentKind,
     IncidentStatus,
+    NewSubscriber,
     Preview,
     Retraction,
+    Subscriber,
     TemplateInfo,
     Update,
     UpdateRequest,
@@ -319,7 +322,7 @@ class Broadcaster:
             channel=channel.name,
             family=channel.family,
             languages=channel.languages,
-            limits=channel.limits,
+            limits=channel.instance_limits,
             capabilities=channel.capabilities,
             context=context,
             gsm7=channel.config.gsm7,
@@ -588,6 +591,50 @@ class Broadcaster:
     async def audit(self, incident_id: int) -> list[AuditEntry]:
         return await self.store.audit(incident_id)
 
+    # -- subscribers (see Audience; the audit trail names them by id, never by address) --
+
+    async def add_subscriber(
+        self, new: NewSubscriber, *, actor: str, source: str = "cli"
+    ) -> Subscriber:
+        """Validate and store one subscriber; an address already known is an error."""
+        return await self.audience.add(new, source=source, actor=actor)
+
+    async def import_subscribers(self, csv_text: str, *, actor: str) -> ImportReport:
+        """Add or update each CSV row (columns: subscribers.CSV_COLUMNS); each refused
+        row is reported with its line and reason. Opt-outs stand."""
+        return await self.audience.import_csv(csv_text, actor=actor)
+
+    async def subscribers(
+        self, *, channel: str | None = None, after: int = 0, limit: int = 100
+    ) -> list[Subscriber]:
+        """A page of subscribers by id (one channel's subscribed ones, if given)."""
+        return await self.audience.list(channel=channel, after=after, limit=limit)
+
+    async def subscriber(self, subscriber_id: int) -> Subscriber:
+        return await self.audience.get(subscriber_id)
+
+    async def export_subscriber(self, subscriber_id: int) -> dict[str, Any]:
+        """Everything kept about one subscriber, for a data-access request."""
+        return await self.audience.export(subscriber_id)
+
+    async def erase_subscriber(self, subscriber_id: int, *, actor: str) -> Subscriber:
+        """Forget a subscriber: addresses, consents, and error texts that may quote them."""
+        return await self.audience.erase(subscriber_id, actor=actor)
+
+    async def set_subscription(
+        self,
+        subscriber_id: int,
+        channel: str,
+        *,
+        subscribed: bool,
+        actor: str,
+        source: str = "cli",
+    ) -> Subscriber:
+        """Opt a subscriber in or out of one subscriber channel."""
+        return await self.audience.set_subscription(
+            subscriber_id, channel, subscribed=subscribed, source=source, actor=actor
+        )
+
     # -- templates, channels, health -------------------------------------------------------
 
     async def templates(self) -> list[TemplateInfo]:
@@ -607,7 +654,7 @@ class Broadcaster:
                 type=channel.config.type,
                 family=channel.family,
                 languages=channel.languages,
-                limits={k: v for k, v in channel.limits.model_dump().items() if v},
+                limits={k: v for k, v in channel.instance_limits.model_dump().items() if v},
                 default=name in defaults,
             )
             for name, channel in self.channels.items()

@@ -198,6 +198,12 @@ class Channel(ABC):
         self.context = context
 
     @property
+    def instance_limits(self) -> ChannelLimits:
+        """The limits this instance's posts are checked against: the adapter's, unless
+        its config narrows them (an SMS channel's `max_segments`)."""
+        return self.limits
+
+    @property
     def languages(self) -> list[str]:
         return self.config.languages
 
