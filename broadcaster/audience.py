@@ -3,12 +3,14 @@ the `/v1/subscribers` API and inbound provider callbacks (STOP/START) call."""
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from broadcaster.errors import BroadcasterError, NotFoundError
 from broadcaster.models import (
+    AddressKind,
     ChannelRender,
     Delivery,
     ImportReport,
@@ -25,6 +27,7 @@ from channels.base import Channel
 __all__ = ["Audience"]
 
 log = logging.getLogger("broadcaster.subscribers")
+IMPORT_BATCH = 500  # rows stored per transaction
 
 
 class Audience:
@@ -75,10 +78,10 @@ class Audience:
             )
         return address, self._channels_for(new, address)
 
-    async def add(self, new: NewSubscriber, *, source: str) -> Subscriber:
+    async def add(self, new: NewSubscriber, *, source: str, actor: str | None = None) -> Subscriber:
         """Validate and store one subscriber (an address seen before is an error)."""
         address, channels = self._check(new)
-        subscriber, _ = await self.rows.add(new, address, channels, source=source)
+        subscriber, _ = await self.rows.add(new, address, channels, source=source, actor=actor)
         log.info(
             "subscriber #%d added (%s, %s) to %s",
             subscriber.id,
@@ -88,32 +91,58 @@ class Audience:
         )
         return subscriber
 
-    async def import_csv(self, lines: Iterable[str], *, source: str = "csv") -> ImportReport:
+    async def import_csv(
+        self, lines: str | Iterable[str], *, source: str = "csv", actor: str | None = None
+    ) -> ImportReport:
         """Add or update every valid row; each refused row is reported with its reason.
-        A subscriber who opted out stays opted out."""
+        A subscriber who opted out stays opted out. Text that is not CSV, or a wrong
+        header, raises InvalidSubscriberError before any row is stored."""
+        if isinstance(lines, str):
+            # newline="": quoted fields keep their line breaks, as the csv module wants;
+            # a spreadsheet's byte-order mark is not part of the first column's name.
+            lines = io.StringIO(lines.removeprefix("\ufeff"), newline="")
         report = ImportReport()
-        for line, row in read_csv(lines):
+        batch: list[tuple[int, tuple[NewSubscriber, Address, list[str]]]] = []
+
+        async def store_batch() -> None:
+            results = await self.rows.add_many([row for _, row in batch], source=source)
+            for (line, _), result in zip(batch, results, strict=True):
+                if isinstance(result, str):
+                    report.rejected.append(RejectedRow(line=line, reason=result))
+                elif result:
+                    report.added += 1
+                else:
+                    report.updated += 1
+            batch.clear()
+
+        for line, row in list(read_csv(lines)):
             if isinstance(row, str):
                 report.rejected.append(RejectedRow(line=line, reason=row))
                 continue
             try:
                 address, channels = self._check(row)
-                _, created = await self.rows.add(
-                    row, address, channels, source=source, replace=True
-                )
             except BroadcasterError as exc:
                 report.rejected.append(RejectedRow(line=line, reason=str(exc)))
                 continue
-            if created:
-                report.added += 1
-            else:
-                report.updated += 1
+            batch.append((line, (row, address, channels)))
+            if len(batch) >= IMPORT_BATCH:
+                await store_batch()
+        if batch:
+            await store_batch()
+        report.rejected.sort(key=lambda r: r.line)
         log.info(
             "subscribers imported: %d added, %d updated, %d rejected",
             report.added,
             report.updated,
             len(report.rejected),
         )
+        if actor is not None:
+            detail = {
+                "added": report.added,
+                "updated": report.updated,
+                "rejected": len(report.rejected),
+            }
+            await self.rows.record(actor, "subscriber.import", detail)
         return report
 
     async def reach(self, render: ChannelRender) -> Reach:
@@ -152,11 +181,47 @@ class Audience:
             "deliveries": [_delivery_json(d) for d in deliveries],
         }
 
-    async def erase(self, subscriber_id: int) -> Subscriber:
+    async def erase(self, subscriber_id: int, *, actor: str | None = None) -> Subscriber:
         """Remove a subscriber and what identifies them (see SubscriberStore.erase)."""
-        erased = await self.rows.erase(subscriber_id)
+        erased = await self.rows.erase(subscriber_id, actor=actor)
         log.info("subscriber #%d erased", subscriber_id)
         return erased
+
+    async def set_subscription(
+        self,
+        subscriber_id: int,
+        channel: str,
+        *,
+        subscribed: bool,
+        source: str,
+        actor: str | None = None,
+    ) -> Subscriber:
+        """Opt a subscriber, by id, in or out of one subscriber channel. Opting in needs
+        an address the channel can reach."""
+        kind = self.kinds.get(channel)
+        if kind is None:
+            raise NotFoundError(
+                f"'{channel}' is not a subscriber channel — configured: "
+                f"{', '.join(self.kinds) or 'none'}"
+            )
+        if subscribed:
+            subscriber = await self.rows.get(subscriber_id)
+            if not (subscriber.phone if kind is AddressKind.PHONE else subscriber.email):
+                raise InvalidSubscriberError(
+                    f"subscriber #{subscriber_id} has no {kind.value}: channel '{channel}' "
+                    "cannot reach them"
+                )
+        changed = await self.rows.set_subscription(
+            subscriber_id, channel, subscribed=subscribed, source=source, actor=actor
+        )
+        log.info(
+            "%s: subscriber #%d %s (%s)",
+            channel,
+            subscriber_id,
+            "opted in" if subscribed else "opted out",
+            source,
+        )
+        return changed
 
     async def set_subscribed(
         self, channel: str, address: str, *, subscribed: bool, source: str

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from broadcaster.core import Broadcaster, PublishResult
-    from broadcaster.models import ChannelProgress, Draft, UpdateRequest
+    from broadcaster.models import ChannelProgress, Draft, Subscriber, UpdateRequest
     from broadcaster.operations import Operations
 
 T = TypeVar("T")
@@ -38,6 +38,11 @@ templates_app = typer.Typer(help="List, preview and check templates.", no_args_i
 db_app = typer.Typer(help="The store: migrations and backups.", no_args_is_help=True)
 app.add_typer(templates_app, name="templates")
 app.add_typer(db_app, name="db")
+subscribers_app = typer.Typer(
+    help="Add, import, list, export and erase subscribers (people told by SMS, email…).",
+    no_args_is_help=True,
+)
+app.add_typer(subscribers_app, name="subscribers")
 
 _state: dict[str, Any] = {"config": None, "server": None}
 
@@ -694,6 +699,191 @@ def retract(
             _fail_if_broken(await _watch(b, [target]), incident_id)
 
     run(work)
+
+
+# -- subscribers -------------------------------------------------------------------------
+
+Full = Annotated[
+    bool, typer.Option("--full", help="Show phone numbers and emails whole (masked by default).")
+]
+SubscriberId = Annotated[int, typer.Argument(metavar="ID", help="Subscriber number")]
+
+
+def _addresses(subscriber: Subscriber) -> str:
+    """A subscriber's addresses as a person may see them in passing: masked."""
+    from broadcaster.subscribers import mask
+
+    return ", ".join(mask(a) for a in (subscriber.phone, subscriber.email) if a)
+
+
+@subscribers_app.command("add")
+def subscribers_add(
+    phone: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NUMBER",
+            help="Phone number with +country code (or as subscribers.default_region writes it).",
+        ),
+    ] = None,
+    email: Annotated[str | None, typer.Option(metavar="ADDRESS", help="Email address.")] = None,
+    language: Annotated[
+        str, typer.Option(metavar="LANG", help="Language they are told in (en, fr…).")
+    ] = "en",
+    component: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--component", metavar="NAME", help="Component they follow (repeatable; default: all)."
+        ),
+    ] = None,
+    channel: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--channel",
+            metavar="NAME",
+            help="Subscriber channel they agreed to (repeatable; default: every one their "
+            "addresses reach).",
+        ),
+    ] = None,
+    timezone: Annotated[
+        str | None, typer.Option(metavar="ZONE", help="Their time zone (Europe/Paris).")
+    ] = None,
+    full: Full = False,
+    as_json: AsJson = False,
+) -> None:
+    """Add a subscriber who asked to be told; they are subscribed to their channels."""
+    from pydantic import ValidationError
+
+    from broadcaster.models import NewSubscriber
+    from broadcaster.views import subscriber_json
+
+    try:
+        new = NewSubscriber(
+            phone=phone,
+            email=email,
+            language=language,
+            components=component or None,
+            channels=channel or None,
+            timezone=timezone,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise fail(f"--{where}: {error['msg']}") from None
+    subscriber = run(lambda b: b.add_subscriber(new, actor=actor()))
+    if as_json:
+        _print_json(subscriber_json(subscriber, full=full))
+        return
+    console().print(
+        f"added subscriber #{subscriber.id} ({_addresses(subscriber)}) to "
+        f"{', '.join(subscriber.channels)}"
+    )
+
+
+@subscribers_app.command("import")
+def subscribers_import(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE.csv",
+            help="CSV, UTF-8, with a header row naming columns among phone, email, language, "
+            "components, timezone, channels ('-': standard input).",
+        ),
+    ],
+    as_json: AsJson = False,
+) -> None:
+    """Add or update a subscriber per row. Refused rows are listed with their line and
+    reason and the others are stored: fix those lines and import the file again (an
+    import run twice changes nothing, and an opt-out stands)."""
+    from broadcaster.views import rejected_table
+
+    try:
+        data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    except OSError as exc:
+        raise fail(f"cannot read {file}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise fail(f"{file} is not UTF-8 text — save it as CSV UTF-8") from None
+    report = run(lambda b: b.import_subscribers(text, actor=actor()))
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+        return
+    out = console()
+    out.print(f"added {report.added}, updated {report.updated}, rejected {len(report.rejected)}")
+    if report.rejected:
+        out.print(rejected_table(report.rejected))
+
+
+@subscribers_app.command("list")
+def subscribers_list(
+    channel: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Only those subscribed to this channel.")
+    ] = None,
+    after: Annotated[
+        int, typer.Option(metavar="ID", min=0, help="Start after this subscriber (next page).")
+    ] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 100,
+    full: Full = False,
+    as_json: AsJson = False,
+) -> None:
+    """Subscribers by number, with the channels they are subscribed to or opted out of."""
+    from broadcaster.views import subscriber_json, subscribers_table
+
+    subscribers = run(lambda b: b.subscribers(channel=channel, after=after, limit=limit))
+    if as_json:
+        _print_json([subscriber_json(s, full=full) for s in subscribers])
+        return
+    out = console()
+    if not subscribers:
+        out.print("no subscribers" + (f" on {channel}" if channel else ""))
+        return
+    out.print(subscribers_table(subscribers, full=full))
+    if len(subscribers) == limit:
+        out.print(f"[dim]more: --after {subscribers[-1].id}[/]")
+
+
+@subscribers_app.command("export")
+def subscribers_export(subscriber_id: SubscriberId) -> None:
+    """Everything kept about one subscriber, as JSON (for a data-access request)."""
+    _print_json(run(lambda b: b.export_subscriber(subscriber_id)))
+
+
+@subscribers_app.command("erase")
+def subscribers_erase(subscriber_id: SubscriberId, yes: Yes = False) -> None:
+    """Forget a subscriber for good: addresses, consents, and error texts that may quote
+    them (delivery counts stay)."""
+
+    async def work(b: Operations) -> None:
+        subscriber = await b.subscriber(subscriber_id)
+        _confirm(yes, f"Erase subscriber #{subscriber_id} ({_addresses(subscriber)}) for good?")
+        await b.erase_subscriber(subscriber_id, actor=actor())
+
+    run(work)
+    console().print(f"erased subscriber #{subscriber_id}")
+
+
+def _set_subscription(subscriber_id: int, channel: str, *, subscribed: bool) -> None:
+    run(lambda b: b.set_subscription(subscriber_id, channel, subscribed=subscribed, actor=actor()))
+    done = "opted in to" if subscribed else "opted out of"
+    console().print(f"subscriber #{subscriber_id} {done} {channel}")
+
+
+@subscribers_app.command("opt-out")
+def subscribers_opt_out(
+    subscriber_id: SubscriberId,
+    channel: Annotated[str, typer.Argument(metavar="CHANNEL", help="Subscriber channel")],
+) -> None:
+    """Stop telling a subscriber on one channel; an import does not undo it."""
+    _set_subscription(subscriber_id, channel, subscribed=False)
+
+
+@subscribers_app.command("opt-in")
+def subscribers_opt_in(
+    subscriber_id: SubscriberId,
+    channel: Annotated[str, typer.Argument(metavar="CHANNEL", help="Subscriber channel")],
+) -> None:
+    """Tell a subscriber on one channel again (they asked)."""
+    _set_subscription(subscriber_id, channel, subscribed=True)
 
 
 # -- templates, channels, health ---------------------------------------------------------

@@ -8,7 +8,7 @@ the same thing in either mode.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from broadcaster.core import DoctorCheck, PublishResult
@@ -21,9 +21,12 @@ if TYPE_CHECKING:
         DeliveryState,
         Draft,
         DraftState,
+        ImportReport,
         Incident,
+        NewSubscriber,
         Preview,
         Retraction,
+        Subscriber,
         TemplateInfo,
         UpdateRequest,
     )
@@ -91,3 +94,21 @@ class Operations(Protocol):
     async def channel_infos(self) -> list[ChannelInfo]: ...
 
     async def doctor(self) -> list[DoctorCheck]: ...
+
+    async def add_subscriber(self, new: NewSubscriber, *, actor: str) -> Subscriber: ...
+
+    async def import_subscribers(self, csv_text: str, *, actor: str) -> ImportReport: ...
+
+    async def subscribers(
+        self, *, channel: str | None = None, after: int = 0, limit: int = 100
+    ) -> list[Subscriber]: ...
+
+    async def subscriber(self, subscriber_id: int) -> Subscriber: ...
+
+    async def export_subscriber(self, subscriber_id: int) -> dict[str, Any]: ...
+
+    async def erase_subscriber(self, subscriber_id: int, *, actor: str) -> Subscriber: ...
+
+    async def set_subscription(
+        self, subscriber_id: int, channel: str, *, subscribed: bool, actor: str
+    ) -> Subscriber: ...

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -26,9 +27,12 @@ from broadcaster.models import (
     DeliveryState,
     Draft,
     DraftState,
+    ImportReport,
     Incident,
+    NewSubscriber,
     Preview,
     Retraction,
+    Subscriber,
     TemplateInfo,
     UpdateRequest,
 )
@@ -40,6 +44,7 @@ from broadcaster.server.api import (
     Requeued,
     Retracted,
     Settled,
+    Subscription,
 )
 
 T = TypeVar("T")
@@ -80,11 +85,21 @@ class RemoteBroadcaster:
         *,
         params: Params | None = None,
         body: BaseModel | None = None,
+        csv: str | None = None,
+        timeout: float | None = None,
     ) -> T:
         url = f"{self.url}/v1{path}"
         payload = body.model_dump(mode="json") if body is not None else None
+        extra: dict[str, Any] = {}
+        if csv is not None:
+            extra["data"] = csv.encode()
+            extra["headers"] = {"Content-Type": "text/csv; charset=utf-8"}
+        if timeout is not None:
+            extra["timeout"] = aiohttp.ClientTimeout(total=timeout)
         try:
-            async with self._session.request(method, url, params=params, json=payload) as reply:
+            async with self._session.request(
+                method, url, params=params, json=payload, **extra
+            ) as reply:
                 data = await reply.read()
                 if reply.status >= 400:
                     raise _error(reply.status, data, self.url)
@@ -218,6 +233,43 @@ class RemoteBroadcaster:
 
     async def doctor(self) -> list[DoctorCheck]:
         return await self._call("GET", "/doctor", list[DoctorCheck])
+
+    # -- subscribers ------------------------------------------------------------------
+
+    async def add_subscriber(self, new: NewSubscriber, *, actor: str) -> Subscriber:
+        return await self._call("POST", "/subscribers", Subscriber, body=new)
+
+    async def import_subscribers(self, csv_text: str, *, actor: str) -> ImportReport:
+        # The server stores row by row: a big file takes longer than any other call.
+        return await self._call(
+            "POST", "/subscribers/import", ImportReport, csv=csv_text, timeout=600
+        )
+
+    async def subscribers(
+        self, *, channel: str | None = None, after: int = 0, limit: int = 100
+    ) -> list[Subscriber]:
+        params = [("after", str(after)), ("limit", str(limit))]
+        params += [("channel", channel)] if channel else []
+        return await self._call("GET", "/subscribers", list[Subscriber], params=params)
+
+    async def subscriber(self, subscriber_id: int) -> Subscriber:
+        return await self._call("GET", f"/subscribers/{subscriber_id}", Subscriber)
+
+    async def export_subscriber(self, subscriber_id: int) -> dict[str, Any]:
+        return await self._call("GET", f"/subscribers/{subscriber_id}/export", dict[str, Any])
+
+    async def erase_subscriber(self, subscriber_id: int, *, actor: str) -> Subscriber:
+        return await self._call("DELETE", f"/subscribers/{subscriber_id}", Subscriber)
+
+    async def set_subscription(
+        self, subscriber_id: int, channel: str, *, subscribed: bool, actor: str
+    ) -> Subscriber:
+        return await self._call(
+            "PUT",
+            f"/subscribers/{subscriber_id}/channels/{quote(channel, safe='')}",
+            Subscriber,
+            body=Subscription(subscribed=subscribed),
+        )
 
 
 def _error(status: int, data: bytes, url: str) -> BroadcasterError:

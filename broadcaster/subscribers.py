@@ -92,19 +92,37 @@ def _split(value: str | None) -> list[str] | None:
     return parts or None
 
 
+def _not_csv(lines_read: int, exc: csv.Error) -> InvalidSubscriberError:
+    # The csv module fails on the line after the last one it finished reading.
+    return InvalidSubscriberError(f"line {lines_read + 1}: not CSV: {exc}")
+
+
 def read_csv(lines: Iterable[str]) -> Iterator[tuple[int, NewSubscriber | str]]:
     """(line number, subscriber or the reason the row is refused) for each data row; the
-    first row names the columns (see CSV_COLUMNS)."""
+    first row names the columns (see CSV_COLUMNS, in any case). InvalidSubscriberError
+    when the header is wrong or the text is not CSV."""
     reader = csv.DictReader(lines)
-    unknown = [c for c in reader.fieldnames or () if c and c.strip() not in CSV_COLUMNS]
-    if not reader.fieldnames or unknown:
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:
+        raise _not_csv(reader.line_num, exc) from None
+    unknown = [c for c in fieldnames or () if c and c.strip().lower() not in CSV_COLUMNS]
+    if not fieldnames or unknown:
         raise InvalidSubscriberError(
             f"CSV header must name columns among {', '.join(CSV_COLUMNS)}"
             + (f"; unknown: {', '.join(unknown)}" if unknown else "")
         )
-    for row in reader:
+    while True:
+        # A row the csv module cannot split (a NUL byte, a field past its size limit)
+        # leaves the reader nowhere sure to resume: the file is refused whole.
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise _not_csv(reader.line_num, exc) from None
         line = reader.line_num
-        values = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k}
+        values = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
         try:
             yield (
                 line,

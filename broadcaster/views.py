@@ -19,7 +19,9 @@ from broadcaster.models import (
     Incident,
     Preview,
     Reach,
+    RejectedRow,
     Retraction,
+    Subscriber,
 )
 
 if TYPE_CHECKING:
@@ -183,6 +185,55 @@ def retraction_table(report: Mapping[str, Retraction], *, title: str) -> Table:
     for name, what in sorted(report.items()):
         kept = f"[yellow]{what.kept}[/]" if what.kept else ""
         table.add_row(name, str(what.cancelled or ""), str(what.deleting or ""), kept)
+    return table
+
+
+def subscribers_table(subscribers: Sequence[Subscriber], *, full: bool = False) -> Table:
+    """Subscribers with their consents; addresses masked unless `full`."""
+    from broadcaster.subscribers import mask
+
+    table = Table()
+    for column in ("id", "phone", "email", "language", "components", "channels", "since"):
+        table.add_column(column, no_wrap=column in ("phone", "email"))
+    for s in subscribers:
+        channels = Text()
+        for name, subscribed in s.channels.items():
+            if channels:
+                channels.append(", ")
+            if subscribed:
+                channels.append(name, style="green")
+            else:
+                channels.append(f"{name} (opted out)", style="dim")
+        table.add_row(
+            f"#{s.id}",
+            (s.phone or "-") if full else mask(s.phone),
+            (s.email or "-") if full else mask(s.email),
+            s.language,
+            ", ".join(s.components) if s.components is not None else "all",
+            channels,
+            f"{s.created_at:%Y-%m-%d}",
+        )
+    return table
+
+
+def subscriber_json(subscriber: Subscriber, *, full: bool = False) -> dict[str, Any]:
+    """A subscriber for --json; addresses masked unless `full`."""
+    from broadcaster.subscribers import mask
+
+    data = subscriber.model_dump(mode="json")
+    if not full:
+        data["phone"] = mask(subscriber.phone) if subscriber.phone else None
+        data["email"] = mask(subscriber.email) if subscriber.email else None
+    return data
+
+
+def rejected_table(rejected: Sequence[RejectedRow]) -> Table:
+    """The rows an import refused, by line, with the reason."""
+    table = Table(title="rejected rows", title_justify="left")
+    table.add_column("line", justify="right")
+    table.add_column("reason", style="red")
+    for row in rejected:
+        table.add_row(str(row.line), row.reason)
     return table
 
 

@@ -16,6 +16,7 @@ from broadcaster.errors import BroadcasterError, NotFoundError
 from broadcaster.models import AddressKind, NewSubscriber, Subscriber
 from broadcaster.store.store import Store
 from broadcaster.store.tables import (
+    AUDIT,
     DELIVERIES,
     SUBSCRIBERS,
     SUBSCRIPTIONS,
@@ -86,56 +87,50 @@ class SubscriberStore:
         *,
         source: str,
         replace: bool = False,
+        actor: str | None = None,
     ) -> tuple[Subscriber, bool]:
         """Store a subscriber subscribed to `channels`; (subscriber, created). The same
         phone or email again is an error, or with `replace` an update of that subscriber
-        (a CSV import run twice changes nothing)."""
+        (a CSV import run twice changes nothing). With `actor`, the audit trail records
+        who added them (by id: never an address)."""
 
         def add(session: Session) -> tuple[Subscriber, bool]:
             conn = session.connection()
             now = utcnow()
-            values = {
-                "phone": address.phone,
-                "email": address.email,
-                "language": new.language,
-                "components": new.components,
-                "timezone": new.timezone,
-            }
-            same = []
-            if address.phone:
-                same.append(SUBSCRIBERS.c.phone == address.phone)
-            if address.email:
-                same.append(SUBSCRIBERS.c.email == address.email)
-            existing = conn.execute(select(SUBSCRIBERS.c.id).where(or_(*same))).all()
-            if len(existing) > 1:
-                raise BroadcasterError(
-                    "the phone and the email belong to two different subscribers "
-                    f"(#{existing[0].id}, #{existing[1].id})"
-                )
-            if existing and not replace:
-                raise BroadcasterError(f"already a subscriber (#{existing[0].id})")
-            if existing:
-                subscriber_id = existing[0].id
-                conn.execute(
-                    update(SUBSCRIBERS)
-                    .where(SUBSCRIBERS.c.id == subscriber_id)
-                    .values(**values, updated_at=now)
-                )
-            else:
-                subscriber_id = conn.execute(
-                    insert(SUBSCRIBERS).values(**values, created_at=now).returning(SUBSCRIBERS.c.id)
-                ).scalar_one()
-            # Only channels they have no say about yet: an opt-out stands until they opt in
-            # again themselves (an import run again must not undo a STOP).
-            known = _consents(conn, [subscriber_id]).get(subscriber_id, {})
-            fresh = [c for c in channels if c not in known]
-            _subscribe(conn, subscriber_id, fresh, subscribed=True, source=source, now=now)
-            return _get(conn, subscriber_id), not existing
+            subscriber_id, created = _store(conn, new, address, channels, source, replace, now)
+            if actor is not None:
+                action = "subscriber.add" if created else "subscriber.update"
+                _audit(conn, actor, action, {"subscriber": subscriber_id}, now=now)
+            return _get(conn, subscriber_id), created
 
         try:
             return await self.store.write_session(add)
         except IntegrityError:  # a concurrent add of the same address
             raise BroadcasterError("already a subscriber") from None
+
+    async def add_many(
+        self, rows: Sequence[tuple[NewSubscriber, Address, Sequence[str]]], *, source: str
+    ) -> list[bool | str]:
+        """Add or update many subscribers (a CSV import) in one transaction: for each
+        row, whether it was created, or why it was refused (the other rows still go in)."""
+
+        def add(session: Session) -> list[bool | str]:
+            conn = session.connection()
+            now = utcnow()
+            results: list[bool | str] = []
+            for new, address, channels in rows:
+                try:
+                    with conn.begin_nested():  # a refused row leaves the others in
+                        _, created = _store(conn, new, address, channels, source, True, now)
+                    results.append(created)
+                except (BroadcasterError, IntegrityError) as exc:
+                    reason = (
+                        str(exc) if isinstance(exc, BroadcasterError) else "already a subscriber"
+                    )
+                    results.append(reason)
+            return results
+
+        return await self.store.write_session(add)
 
     async def reach(
         self, channel: str, touched: Collection[str], *, batch: int = 10_000
@@ -183,10 +178,11 @@ class SubscriberStore:
             lambda s: int(s.connection().scalar(select(func.count()).select_from(SUBSCRIBERS)) or 0)
         )
 
-    async def erase(self, subscriber_id: int) -> Subscriber:
+    async def erase(self, subscriber_id: int, *, actor: str | None = None) -> Subscriber:
         """Remove a subscriber and what could identify them: the row, their consents, and
         provider error texts of their deliveries (which may quote the address). Their
-        delivery rows stay (counts and receipts), naming an id that no longer exists."""
+        delivery rows stay (counts and receipts), naming an id that no longer exists.
+        With `actor`, the audit trail records who erased subscriber #id."""
 
         def erase(session: Session) -> Subscriber:
             conn = session.connection()
@@ -205,6 +201,8 @@ class SubscriberStore:
                 delete(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.subscriber_id == subscriber_id)
             )
             conn.execute(delete(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id))
+            if actor is not None:
+                _audit(conn, actor, "subscriber.erase", {"subscriber": subscriber_id})
             return erased
 
         return await self.store.write_session(erase)
@@ -233,6 +231,39 @@ class SubscriberStore:
 
         return await self.store.write_session(change)
 
+    async def set_subscription(
+        self,
+        subscriber_id: int,
+        channel: str,
+        *,
+        subscribed: bool,
+        source: str,
+        actor: str | None = None,
+    ) -> Subscriber:
+        """Opt one subscriber, by id, in or out of a channel; NotFoundError if there is
+        no such subscriber."""
+
+        def change(session: Session) -> Subscriber:
+            conn = session.connection()
+            _get(conn, subscriber_id)  # NotFoundError before anything is written
+            now = utcnow()
+            _subscribe(
+                conn, subscriber_id, [channel], subscribed=subscribed, source=source, now=now
+            )
+            if actor is not None:
+                action = "subscriber.opt_in" if subscribed else "subscriber.opt_out"
+                detail = {"subscriber": subscriber_id, "channel": channel}
+                _audit(conn, actor, action, detail, now=now)
+            return _get(conn, subscriber_id)
+
+        return await self.store.write_session(change)
+
+    async def record(self, actor: str, action: str, detail: dict[str, Any]) -> None:
+        """An audit entry about subscribers (an import's counts): never an address."""
+        await self.store.write_session(
+            lambda session: _audit(session.connection(), actor, action, detail)
+        )
+
     async def addresses(
         self, channel: str, kind: AddressKind, subscriber_ids: Collection[int]
     ) -> dict[int, str]:
@@ -256,11 +287,98 @@ class SubscriberStore:
         return {row[0]: row[1] for row in rows}
 
 
+def _store(
+    conn: Connection,
+    new: NewSubscriber,
+    address: Address,
+    channels: Sequence[str],
+    source: str,
+    replace: bool,
+    now: datetime,
+) -> tuple[int, bool]:
+    """Insert the subscriber (or, with `replace`, update the one with that address) and
+    subscribe them to the channels they have no say about yet; (id, created)."""
+    values = {
+        "phone": address.phone,
+        "email": address.email,
+        "language": new.language,
+        "components": new.components,
+        "timezone": new.timezone,
+    }
+    same = []
+    if address.phone:
+        same.append(SUBSCRIBERS.c.phone == address.phone)
+    if address.email:
+        same.append(SUBSCRIBERS.c.email == address.email)
+    existing = conn.execute(select(SUBSCRIBERS.c.id).where(or_(*same))).all()
+    if len(existing) > 1:
+        raise BroadcasterError(
+            "the phone and the email belong to two different subscribers "
+            f"(#{existing[0].id}, #{existing[1].id})"
+        )
+    if existing and not replace:
+        raise BroadcasterError(f"already a subscriber (#{existing[0].id})")
+    if existing:
+        subscriber_id: int = existing[0].id
+        conn.execute(
+            update(SUBSCRIBERS)
+            .where(SUBSCRIBERS.c.id == subscriber_id)
+            .values(**values, updated_at=now)
+        )
+    else:
+        subscriber_id = conn.execute(
+            insert(SUBSCRIBERS).values(**values, created_at=now).returning(SUBSCRIBERS.c.id)
+        ).scalar_one()
+    if not existing:
+        if channels:
+            conn.execute(
+                insert(SUBSCRIPTIONS),
+                [
+                    {
+                        "subscriber_id": subscriber_id,
+                        "channel": channel,
+                        "subscribed": True,
+                        "changed_at": now,
+                        "source": source,
+                    }
+                    for channel in channels
+                ],
+            )
+        return subscriber_id, True
+    # Only channels they have no say about yet: an opt-out stands until they opt in
+    # again themselves (an import run again must not undo a STOP).
+    known = _consents(conn, [subscriber_id]).get(subscriber_id, {})
+    fresh = [c for c in channels if c not in known]
+    _subscribe(conn, subscriber_id, fresh, subscribed=True, source=source, now=now)
+    return subscriber_id, False
+
+
 def _get(conn: Connection, subscriber_id: int) -> Subscriber:
     row = conn.execute(select(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id)).one_or_none()
     if row is None:
         raise NotFoundError(f"no subscriber #{subscriber_id}")
     return _model(row, _consents(conn, [subscriber_id]).get(subscriber_id, {}))
+
+
+def _audit(
+    conn: Connection,
+    actor: str,
+    action: str,
+    detail: dict[str, Any],
+    *,
+    now: datetime | None = None,
+) -> None:
+    """An audit entry that belongs to no incident."""
+    conn.execute(
+        insert(AUDIT).values(
+            at=now or utcnow(),
+            actor=actor,
+            action=action,
+            incident_id=None,
+            update_id=None,
+            detail=detail,
+        )
+    )
 
 
 def _consents(conn: Connection, ids: Sequence[int]) -> dict[int, dict[str, bool]]:
