@@ -7,7 +7,9 @@ Mastodon instance (each driven by the provider's real SDK), a Discord webhook an
 Workflows webhook — and publishes investigating -> identified -> a correction of it ->
 resolved through every channel, with live progress: follow-ups thread under the first
 post on Slack, Telegram, Bluesky and Mastodon, and the correction edits the identified
-post in place where the channel can edit.
+post in place where the channel can edit. Subscribers imported from a CSV get each update
+by SMS (a fake Twilio, whose signed delivery receipts come back to the demo's own app) and
+email (a local SMTP server), in their language (`demo_audience`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tomli_w
 from rich.console import Console
 from rich.rule import Rule
 
+from broadcaster import demo_audience as audience
 from broadcaster.config import load_settings
 from broadcaster.core import Broadcaster
 from broadcaster.models import ComponentState, IncidentStatus, UpdateRequest
@@ -34,8 +37,10 @@ from broadcaster.sandbox import (
     FakeDiscord,
     FakeMastodon,
     FakePds,
+    FakeSmtp,
     FakeTeamsWorkflow,
     FakeTelegram,
+    FakeTwilio,
     SlackWebApi,
     WebhookReceiver,
 )
@@ -64,6 +69,9 @@ class Simulators:
     discord: FakeDiscord
     teams: FakeTeamsWorkflow
     teams_url: str
+    twilio: FakeTwilio
+    smtp: FakeSmtp
+    app_port: int  # the demo's own app, where Twilio's receipts come back
 
 
 def _write_config(folder: Path, sims: Simulators) -> Path:
@@ -83,6 +91,8 @@ def _write_config(folder: Path, sims: Simulators) -> Path:
             "mastodon",
             "discord",
             "teams",
+            "sms",
+            "email",
         ],
         "components": {"app": "Mobile app", "api": "Charging API", "website": "Website"},
         "channels": {
@@ -136,7 +146,9 @@ def _write_config(folder: Path, sims: Simulators) -> Path:
                 "webhook_url": {"file": "secrets/teams-webhook-url"},
                 **fast_retries,
             },
+            **audience.channels(sims.twilio, sims.smtp, fast_retries),
         },
+        "serve": {"public_url": f"http://127.0.0.1:{sims.app_port}"},
     }
     path = folder / "broadcaster.toml"
     path.write_text(
@@ -164,6 +176,7 @@ def _write_secrets(folder: Path, webhook_secret: str, sims: Simulators) -> None:
         ("secrets/mastodon-token", MASTODON_TOKEN),
         ("secrets/discord-webhook-url", sims.discord.webhook_url),
         ("secrets/teams-webhook-url", sims.teams_url),
+        *audience.SECRETS.items(),
     ):
         path = folder / name
         path.write_text(value)
@@ -188,6 +201,9 @@ async def run_demo(folder: Path, console: Console) -> None:
             discord=await running.enter_async_context(FakeDiscord()),
             teams=(teams := await running.enter_async_context(FakeTeamsWorkflow())),
             teams_url=teams.add_workflow(),
+            twilio=await running.enter_async_context(FakeTwilio()),
+            smtp=await running.enter_async_context(FakeSmtp()),
+            app_port=audience.free_port(),
         )
         _write_secrets(folder, secret, sims)
         receiver = sims.receiver
@@ -204,9 +220,14 @@ async def run_demo(folder: Path, console: Console) -> None:
             "503 twice, partner-11 drops the connection once, partner-13 is gone (410); "
             f"Slack at {sims.slack.url}, Telegram at {sims.telegram.url}, Bluesky at "
             f"{sims.bluesky.url}, Mastodon at {sims.mastodon.url}, Discord at "
-            f"{sims.discord.url}, Teams at {sims.teams.url}\n"
+            f"{sims.discord.url}, Teams at {sims.teams.url}, Twilio at {sims.twilio.url}, "
+            f"SMTP at 127.0.0.1:{sims.smtp.port}\n"
         )
-        async with await Broadcaster.open(settings=settings) as broadcaster:
+        async with (
+            await Broadcaster.open(settings=settings) as broadcaster,
+            audience.inbound_app(broadcaster, sims.app_port),
+        ):
+            await audience.import_subscribers(broadcaster, console)
             now = datetime.now(UTC)
             identified = UpdateRequest(
                 status=IncidentStatus.IDENTIFIED,
@@ -274,6 +295,7 @@ async def run_demo(folder: Path, console: Console) -> None:
             ]
             incident_id: int | None = None
             update_ids: list[int] = []
+            receipted: set[str] = set()
             for heading, follow_up, step in steps:
                 console.print(Rule(heading))
                 request = step
@@ -285,6 +307,7 @@ async def run_demo(folder: Path, console: Console) -> None:
                 incident_id = result.incident.id
                 update_ids.append(result.update.id)
                 await watch_deliveries(broadcaster, [result.update.id], console)
+                await audience.report_receipts(broadcaster, sims.twilio, receipted)
             assert incident_id is not None
             console.print(Rule("Result"))
             progress = await broadcaster.progress(incident_id)
@@ -300,6 +323,7 @@ async def run_demo(folder: Path, console: Console) -> None:
             f"({signed} with a valid signature) after {len(receiver.attempts)} attempts"
         )
         console.print(_threads(sims))
+        console.print(audience.summary(sims.twilio, sims.smtp))
     site = folder / "public" / "index.html"
     console.print(
         f"status page: [bold]{site}[/] (and {site.parent}/fr/index.html, banner.js, "

@@ -619,6 +619,11 @@ def test_demo_rehearses_an_incident_and_writes_the_status_page(tmp_path: Path) -
     assert "voltcharge.example: 4 posts, 3 replies" in text  # Bluesky cannot edit
     assert "Mastodon: 3 posts, 2 replies, 1 edited" in text
     assert "Discord: 3 messages, 1 edited; Teams: 4 cards" in text
+    # Subscribers imported from a CSV (one row refused, with why), reached by SMS and
+    # email in their language; Twilio's signed receipts came back to the app.
+    assert "imported subscribers: 13 added; refused: line 15: phone '0612'" in text
+    assert "sms (Twilio) │ 32 │ 8 │ 28 delivered, 4 undelivered" in text
+    assert "email (SMTP) │ 20 │ 5 │ accepted (15 threaded under the first)" in text
     assert (folder / "public" / "index.html").is_file()
     assert (folder / "public" / "fr" / "index.html").is_file()
 
