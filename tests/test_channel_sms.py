@@ -585,3 +585,20 @@ async def test_without_public_url_inbound_calls_are_refused(
         assert answer.status == 404
         assert "set serve.public_url or status_callback_url" in answer.body
     assert (await b.audience.list())[0].channels == {"sms": True}
+
+
+async def test_dry_run_counts_who_would_get_it_and_the_segments_it_costs(
+    twilio: FakeTwilio, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await open_sms(make_broadcaster, twilio)
+    await subscribe(b, ANNE, "fr")
+    await subscribe(b, BOB, "en")
+    await subscribe(b, CARLA, "fr", ["email"])  # the update does not touch it
+    await subscribe(b, DIETER, "de")  # gets the channel's first language
+    preview = await b.preview(api_down())
+    (reach,) = preview.reach
+    assert reach.recipients == {"en": 2, "fr": 1}
+    (render,) = preview.renders
+    segments = {m.language: m.sms_segments for m in render.measures}
+    assert reach.sms_segments == 2 * segments["en"] + segments["fr"]
+    assert twilio.messages == []  # nothing sent
