@@ -58,4 +58,27 @@ def build_channels(settings: Settings, context: ChannelContext) -> dict[str, Cha
             f"{settings.config_path or 'settings'}: default_channels: unknown channel "
             f"'{unknown[0]}' — configured: {', '.join(channels) or 'none'}"
         )
+    _check_fallbacks(settings, channels)
     return channels
+
+
+def _check_fallbacks(settings: Settings, channels: dict[str, Channel]) -> None:
+    """A fallback naming a channel that cannot take a subscriber's delivery would only be
+    found out mid-outage, when the primary fails: refuse it when the config loads."""
+    for name, channel in channels.items():
+        fallback = channel.config.fallback
+        if fallback is None:
+            continue
+        where = f"{settings.config_path or 'settings'}: channels.{name}.fallback"
+        if channel.address_kind is None:
+            raise ConfigError(
+                f"{where}: only a subscriber channel (sms, email) has a fallback — "
+                f"'{name}' posts to its own audience"
+            )
+        target = channels.get(fallback)
+        if target is None or target.address_kind is None or fallback == name:
+            others = [n for n, c in channels.items() if c.address_kind and n != name]
+            raise ConfigError(
+                f"{where}: '{fallback}' is not another subscriber channel — configured: "
+                f"{', '.join(others) or 'none'}"
+            )

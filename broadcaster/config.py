@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -304,6 +304,41 @@ class Route(BaseModel):
         return value
 
 
+_TIME_OF_DAY = re.compile(r"^\s*([01]?\d|2[0-3]):([0-5]\d)\s*$")
+
+
+def parse_time_of_day(value: object) -> object:
+    """'22:00' (or a TOML local time, 22:00:00) -> a time of day; a clear error otherwise."""
+    if isinstance(value, time):
+        return value
+    match = _TIME_OF_DAY.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"'{value}' is not a time of day — write it like 22:00 or 07:30")
+    return time(int(match[1]), int(match[2]))
+
+
+TimeOfDay = Annotated[time, BeforeValidator(parse_time_of_day)]
+
+
+class QuietHours(BaseModel):
+    """A nightly window, in each subscriber's own time zone, when only `critical` updates
+    reach subscribers; the others wait until `end`. `start` after `end` crosses midnight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: TimeOfDay = Field(description="local time the window opens, like 22:00")
+    end: TimeOfDay = Field(description="local time held updates go out, like 08:00")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start == self.end:
+            raise ValueError(
+                f"start and end are both {self.start:%H:%M} — give a window (22:00 to 08:00), "
+                "or remove quiet_hours"
+            )
+        return self
+
+
 class SubscriberSettings(BaseModel):
     """How subscribers are read and kept."""
 
@@ -318,6 +353,75 @@ class SubscriberSettings(BaseModel):
     retention_days: PositiveInt | None = Field(
         default=None, description="delete subscriber delivery records older than this"
     )
+    quiet_hours: QuietHours | None = Field(
+        default=None,
+        description='{start = "22:00", end = "08:00"}: updates below critical impact wait '
+        "until `end` for a subscriber whose local time (their time zone, else `timezone`) "
+        "is inside the window; unset: always sent at once",
+    )
+    # Self-service: the public subscribe form and manage pages of `serve`.
+    self_service: bool = Field(
+        default=False,
+        description="serve /subscribe (email double opt-in, SMS opt-in by code) and the "
+        "/manage/… page every email links to; needs secret and serve.public_url",
+    )
+    secret: SecretRef | None = Field(
+        default=None,
+        description="the key that signs confirmation, manage and form tokens (a long random "
+        "string), from env or file; changing it voids every link already sent",
+    )
+    sms_countries: list[str] = Field(
+        default_factory=list,
+        description="ISO countries (FR, US…) whose mobile numbers may sign up for SMS; "
+        "empty: no SMS sign-up (SMS-pumping fraud sends codes to numbers abroad)",
+    )
+    sms_codes_per_day: PositiveInt = Field(
+        default=200, description="SMS confirmation codes sent per UTC day, all numbers together"
+    )
+    confirm_hours: PositiveInt = Field(
+        default=48, description="how long an email confirmation link works"
+    )
+    sms_code_minutes: PositiveInt = Field(
+        default=10, description="how long an SMS confirmation code works"
+    )
+    pending_limit_per_address_per_day: PositiveInt = Field(
+        default=3, description="confirmation messages one address may get per UTC day"
+    )
+    proof_of_work_bits: int = Field(
+        default=18,
+        ge=0,
+        le=28,
+        description="the subscribe form's proof of work: leading zero bits of a SHA-256 the "
+        "browser must find (18: about 0.1-1 s; each bit doubles it); 0: none",
+    )
+    support_contact: str | None = Field(
+        default=None,
+        description="who subscribers reach for help (an email, phone number or URL): "
+        "part of the answer to an SMS saying HELP",
+    )
+    replies_to: str | None = Field(
+        default=None,
+        description="the team's channel (Slack…) that SMS replies other than STOP, START, "
+        "STATUS and HELP are forwarded to; unset: they are only recorded",
+    )
+
+    @field_validator("sms_countries")
+    @classmethod
+    def _iso_countries(cls, value: list[str]) -> list[str]:
+        codes = [code.strip().upper() for code in value]
+        for code in codes:
+            if not re.fullmatch(r"[A-Z]{2}", code):
+                raise ValueError(f"'{code}' is not an ISO country code — write it like FR or US")
+        return codes
+
+    @model_validator(mode="after")
+    def _self_service_needs_a_secret(self) -> SubscriberSettings:
+        if self.self_service and self.secret is None:
+            raise ValueError(
+                "self_service needs secret = {env = ...} or {file = ...}: the key that signs "
+                "its links (a long random string)"
+            )
+        return self
 
 
 class Settings(BaseSettings):
@@ -376,6 +480,27 @@ class Settings(BaseSettings):
                     f"routes[{index}] ({route.name}): unknown channel '{missing[0]}' — "
                     f"configured: {', '.join(self.channels) or 'none'}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _replies_go_to_a_channel(self) -> Settings:
+        target = self.subscribers.replies_to
+        if target is not None and target not in self.channels:
+            raise ValueError(
+                f"subscribers.replies_to: unknown channel '{target}' — configured: "
+                f"{', '.join(self.channels) or 'none'}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _self_service_needs_a_public_url(self) -> Settings:
+        """Confirmation and manage links are absolute: made from serve.public_url, never
+        from a request's Host header (which a visitor chooses)."""
+        if self.subscribers.self_service and self.serve.public_url is None:
+            raise ValueError(
+                "subscribers.self_service needs serve.public_url (https://status.example.com): "
+                "the links in confirmation emails and every email's manage link start with it"
+            )
         return self
 
     def resolve_path(self, path: Path) -> Path:

@@ -55,6 +55,7 @@ from broadcaster.operations import ProgressCallback
 from broadcaster.store import ChannelPlan, DeliveryQueue, PublishPlan, Store
 from broadcaster.support import StoreSupportDesk
 from broadcaster.templates import RenderContext, TemplateLibrary
+from broadcaster.tokens import manage_url_maker, self_service_problems
 from channels.base import Channel, ChannelContext
 
 log = logging.getLogger("broadcaster.core")
@@ -105,7 +106,13 @@ class Broadcaster:
         self.channels = channels
         self.library = library
         self.queue = DeliveryQueue(store)
-        self.backend: DispatchBackend = EmbeddedBackend(store, channels, settings.dispatch)
+        self.backend: DispatchBackend = EmbeddedBackend(
+            store,
+            channels,
+            settings.dispatch,
+            quiet_hours=settings.subscribers.quiet_hours,
+            timezone=settings.timezone,
+        )
         self.alerts = AlertIntake(self)
         self.audience = Audience(
             store,
@@ -125,6 +132,8 @@ class Broadcaster:
             base_dir=base_dir,
             data_dir=settings.resolve_path(settings.data_dir),
             public_url=settings.serve.public_url,
+            # Every email links to the subscriber's manage page (self-service).
+            manage_url=manage_url_maker(settings),
         )
         channels = build_channels(settings, context)
         templates_dir = (
@@ -243,6 +252,7 @@ class Broadcaster:
         }
         plans: dict[str, ChannelPlan] = {}
         renders = []
+        fallbacks: dict[str, ChannelRender] = {}
         if not failures:
             for channel in self._channels_for(request):
                 render, problems = self._render(template, channel, context)
@@ -261,6 +271,21 @@ class Broadcaster:
                     edits=channel.capabilities.edits,
                     fanout=subscribers,
                 )
+            # What a subscriber re-routed to a fallback channel the update does not go to
+            # would receive: rendered, checked and previewed now like the rest, and stored
+            # without deliveries (`PublishPlan.fallback_renders`).
+            for source, name in self._fallbacks_for(plans):
+                render, problems = self._render(template, self.channels[name], context)
+                languages = self.channels[name].languages
+                render.facts = {
+                    **facts,
+                    "labels": self._fact_labels(languages, facts, request.fields),
+                }
+                fallbacks[name] = render
+                failures.extend(
+                    p.model_copy(update={"message": f"{p.message} (fallback of {source})"})
+                    for p in problems
+                )
         plan = PublishPlan(
             incident_id=incident.id if incident else None,
             title=title,
@@ -275,8 +300,22 @@ class Broadcaster:
             actor=request.actor,
             channels=plans,
             corrects=request.corrects,
+            fallback_renders=fallbacks,
         )
-        return plan, Preview(request=request, renders=renders, failures=failures)
+        preview = Preview(
+            request=request, renders=renders, failures=failures, fallbacks=list(fallbacks.values())
+        )
+        return plan, preview
+
+    def _fallbacks_for(self, plans: dict[str, ChannelPlan]) -> list[tuple[str, str]]:
+        """(channel, its fallback) for the update's channels whose fallback it does not
+        go to already."""
+        found: dict[str, str] = {}
+        for name in plans:
+            fallback = self.channels[name].config.fallback
+            if fallback is not None and fallback not in plans and fallback in self.channels:
+                found.setdefault(fallback, name)
+        return [(source, fallback) for fallback, source in found.items()]
 
     @staticmethod
     def _check_correctable(incident: Incident | None, update_id: int) -> None:
@@ -710,6 +749,15 @@ class Broadcaster:
                     subject=f"channel {name}",
                     ok=not problems,
                     detail="; ".join(problems) or f"{channel.config.type}, ok",
+                )
+            )
+        if self.settings.subscribers.self_service:
+            problems = self_service_problems(self.settings, self.channels)
+            checks.append(
+                DoctorCheck(
+                    subject="self-service",
+                    ok=not problems,
+                    detail="; ".join(problems) or "subscribe form and manage pages, ok",
                 )
             )
         template_failures = await self.check_templates()

@@ -81,6 +81,9 @@ class DeliveryAction(StrEnum):
     POST = "post"
     EDIT = "edit"  # a correction, in place of the corrected update's post
     DELETE = "delete"  # a retraction of the update's post
+    # A post on a subscriber channel's fallback, standing in for the delivery `target_id`
+    # that could not go out on the subscriber's primary channel (never re-routed again).
+    FALLBACK = "fallback"
 
 
 class DeliveryState(StrEnum):
@@ -92,6 +95,9 @@ class DeliveryState(StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     UNDELIVERED = "undelivered"
+    # Final: a fallback delivery on another channel took it over (its last_error says
+    # which and why), so it is never sent here, even once this channel works again.
+    REROUTED = "rerouted"
     CANCELLED = "cancelled"
     SUPERSEDED = "superseded"
 
@@ -333,6 +339,11 @@ class Preview(BaseModel):
     renders: list[ChannelRender]
     failures: list[CheckFailure]
     reach: list[Reach] = Field(default_factory=list)
+    fallbacks: list[ChannelRender] = Field(
+        default_factory=list,
+        description="renders of fallback channels the update does not go to: what a "
+        "subscriber re-routed there would receive",
+    )
 
     @property
     def ok(self) -> bool:
@@ -453,6 +464,10 @@ class ChannelProgress(BaseModel):
     counts: dict[DeliveryState, int]
     failures: list[Delivery] = Field(default_factory=list)
     broken: str | None = None
+    held: int = Field(default=0, description="queued deliveries waiting for quiet hours to end")
+    held_until: datetime | None = Field(
+        default=None, description="when the last of the held deliveries goes out"
+    )
 
     @property
     def label(self) -> str:

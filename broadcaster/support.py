@@ -20,14 +20,26 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from broadcaster.errors import BroadcasterError, NotFoundError
-from broadcaster.models import DeliveryState, Impact, IncidentStatus
+from broadcaster.errors import BroadcasterError, ConfigError, DeliveryError, NotFoundError
+from broadcaster.models import (
+    AddressKind,
+    ChannelFamily,
+    ChannelRender,
+    DeliveryState,
+    Impact,
+    IncidentStatus,
+    Rendered,
+)
+from broadcaster.subscribers import mask
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from broadcaster.core import Broadcaster
 
 __all__ = [
     "BOT_LABELS",
+    "SMS_LABELS",
     "CurrentState",
     "OpenIncident",
     "StoreSupportDesk",
@@ -40,11 +52,25 @@ log = logging.getLogger("broadcaster.support")
 
 # The `[bot]` words of `_labels/<language>.toml` (a user's folder may override each).
 BOT_LABELS = ("all_clear", "unknown_command", "facts", "status_page", "more")
+# The `[sms]` words: what an SMS channel answers to STATUS and HELP, and how a reply
+# forwarded to the team reads.
+SMS_LABELS = (
+    "open_one",
+    "open_many",
+    "help",
+    "contact",
+    "forwarded",
+    "subscriber",
+    "not_subscriber",
+)
+_LABEL_TABLES = {"bot": BOT_LABELS, "sms": SMS_LABELS}
 # A reply is one chat message (4,096 characters on Telegram): more incidents than this
 # would not fit anyway; the adapter says how many it left out.
 MAX_INCIDENTS = 20
 # How long a delivery receipt waits for the dispatcher's record of the send it is about.
 RECEIPT_WAIT_SECONDS = 30.0
+# A reply forwarded to the team is one try (not a tracked delivery): this long at most.
+FORWARD_TIMEOUT_SECONDS = 30.0
 
 
 class OpenIncident(BaseModel):
@@ -83,8 +109,26 @@ class SupportDesk(Protocol):
         to `language` (a BCP 47 tag such as Telegram's `language_code`)."""
         ...
 
-    def labels(self, channel: str, language: str | None) -> dict[str, str]:
-        """Only the bot's words (no store read), in the same language."""
+    def labels(self, channel: str, language: str | None, table: str = "bot") -> dict[str, str]:
+        """Only the words (no store read), in the same language: the `[bot]` table, or
+        `[sms]`."""
+        ...
+
+    def support_contact(self) -> str | None:
+        """Who subscribers reach for help (`subscribers.support_contact`), if set."""
+        ...
+
+    async def language_of(self, channel: str, address: str) -> str | None:
+        """The language of the subscriber with this address on a subscriber channel;
+        None when nobody has it."""
+        ...
+
+    async def forward_reply(
+        self, from_channel: str, sender: str, text: str, reference: str
+    ) -> bool:
+        """A message a person sent to a channel's number that no keyword answers: record
+        it, and pass it to the team's channel (`subscribers.replies_to`). True when the
+        team's channel took it. `reference`: the provider's id of the message."""
         ...
 
     async def record_receipt(
@@ -101,6 +145,13 @@ class SupportDesk(Protocol):
         """Opt whoever has this address in or out of a channel (SMS STOP/START);
         False when nobody has it."""
         ...
+
+
+def _fill(label: str, **values: str) -> str:
+    """A label with its `{name}`s filled (not str.format: labels are user files)."""
+    for key, value in values.items():
+        label = label.replace("{" + key + "}", value)
+    return label
 
 
 def pick_language(wanted: str | None, available: Sequence[str]) -> str:
@@ -121,7 +172,8 @@ def pick_language(wanted: str | None, available: Sequence[str]) -> str:
 
 
 class StoreSupportDesk:
-    """`SupportDesk` on a `Broadcaster`: read-only, from its store and template labels.
+    """`SupportDesk` on a `Broadcaster`: answers from its store and template labels; it
+    writes only consents (STOP/START), receipts, and the record of forwarded replies.
 
     **Decision (only what the channel was told):** an open incident is listed when one of
     its live (not cancelled or retracted) updates was published to the asking channel,
@@ -132,6 +184,28 @@ class StoreSupportDesk:
 
     def __init__(self, broadcaster: Broadcaster) -> None:
         self.broadcaster = broadcaster
+        problem = self._team_channel_problem(broadcaster.settings.subscribers.replies_to)
+        if problem is not None:
+            raise ConfigError(problem)
+
+    def _team_channel_problem(self, target: str | None) -> str | None:
+        """Why `subscribers.replies_to` cannot take people's replies, or None.
+
+        Only a chat channel (Slack, Discord, Teams, Telegram): a social channel would
+        publish what a person wrote to the world, a status page or webhook would show it as
+        an incident update, and a subscriber channel would send it to subscribers."""
+        if target is None:
+            return None
+        channel = self.broadcaster.channels.get(target)
+        if channel is None:
+            configured = ", ".join(self.broadcaster.channels) or "none"
+            return f"subscribers.replies_to: unknown channel '{target}' — configured: {configured}"
+        if channel.family is not ChannelFamily.CHAT or channel.address_kind is not None:
+            return (
+                f"subscribers.replies_to: '{target}' is a {channel.config.type} channel — name "
+                "the team's own chat channel (Slack, Discord, Teams, a private Telegram group)"
+            )
+        return None
 
     def _language(self, channel: str, language: str | None) -> str:
         target = self.broadcaster.channels.get(channel)
@@ -139,9 +213,146 @@ class StoreSupportDesk:
             raise NotFoundError(f"unknown channel '{channel}'")
         return pick_language(language, target.languages)
 
-    def labels(self, channel: str, language: str | None) -> dict[str, str]:
+    def labels(self, channel: str, language: str | None, table: str = "bot") -> dict[str, str]:
         chosen = self._language(channel, language)
-        return self._labels(chosen)
+        return self._labels(chosen, table)
+
+    def support_contact(self) -> str | None:
+        return self.broadcaster.settings.subscribers.support_contact
+
+    async def _subscriber(self, channel: str, address: str) -> tuple[int, str] | None:
+        """(id, language) of whoever has this address on a subscriber channel."""
+        from sqlalchemy import select
+
+        from broadcaster.store.tables import SUBSCRIBERS
+
+        kind = self.broadcaster.audience.kinds.get(channel)
+        if kind is None or not address:
+            return None
+        column = SUBSCRIBERS.c.phone if kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+
+        def read(session: Session) -> tuple[int, str] | None:
+            row = session.execute(
+                select(SUBSCRIBERS.c.id, SUBSCRIBERS.c.language).where(column == address)
+            ).one_or_none()
+            return (int(row.id), str(row.language)) if row is not None else None
+
+        return await self.broadcaster.store.read_session(read)
+
+    async def language_of(self, channel: str, address: str) -> str | None:
+        found = await self._subscriber(channel, address)
+        return found[1] if found is not None else None
+
+    async def forward_reply(
+        self, from_channel: str, sender: str, text: str, reference: str
+    ) -> bool:
+        """Send the reply to every target of `subscribers.replies_to` (one try each, not
+        a tracked delivery), then record it in the audit trail, whatever happened.
+
+        **Decision (what is kept, what is shown):** the audit entry `inbound.reply` keeps
+        the text (the team must be able to read what was asked even when the forward
+        failed) with the sender masked and their subscriber id: the full number stays in
+        the subscribers table only, like everywhere else, and `subscribers export` / the
+        id lead to the person. The team's channel (a third party such as Slack) sees the
+        masked number and the id, never the full number."""
+        b = self.broadcaster
+        found = await self._subscriber(from_channel, sender)
+        target = b.settings.subscribers.replies_to
+        error: str | None = None
+        try:
+            if target is None:
+                error = "subscribers.replies_to is not set"
+            else:
+                error = await self._send_to_team(
+                    target, from_channel, sender, found, text, reference
+                )
+        except Exception as exc:  # never lose the record over a failed forward
+            log.exception("%s: could not forward an SMS reply to %s", from_channel, target)
+            error = f"{type(exc).__name__}: {exc}"
+        detail = {
+            "channel": from_channel,
+            "from": mask(sender),
+            "subscriber": found[0] if found is not None else None,
+            "text": text,
+            "forwarded_to": target,
+            "forwarded": error is None,
+        }
+        if error is not None:
+            detail["error"] = error
+        await b.audience.rows.record(f"inbound:{from_channel}", "inbound.reply", detail)
+        if error is None:
+            log.info(
+                "%s: reply from %s forwarded to %s",
+                from_channel,
+                mask(sender),
+                target,
+                extra={"channel": from_channel},
+            )
+        else:
+            log.warning(
+                "%s: reply from %s recorded, not forwarded: %s",
+                from_channel,
+                mask(sender),
+                error,
+                extra={"channel": from_channel},
+            )
+        return error is None
+
+    async def _send_to_team(
+        self,
+        target: str,
+        from_channel: str,
+        sender: str,
+        found: tuple[int, str] | None,
+        text: str,
+        reference: str,
+    ) -> str | None:
+        """One message to each target of the team's channel; why it failed, or None."""
+        from broadcaster.text import truncate
+        from channels.base import Message, Recipient
+
+        problem = self._team_channel_problem(target)
+        if problem is not None:
+            return problem
+        channel = self.broadcaster.channels[target]
+        language = channel.languages[0]
+        words = self._labels(language, "sms")
+        who = (
+            _fill(words["subscriber"], id=str(found[0]))
+            if found is not None
+            else words["not_subscriber"]
+        )
+        body = _fill(words["forwarded"], sender=mask(sender), who=who, text=text.strip())
+        limits = channel.instance_limits
+        limit = min(x for x in (limits.max_graphemes, limits.max_chars, 4000) if x is not None)
+        render = ChannelRender(
+            channel=target,
+            family=channel.family,
+            template="sms-reply",
+            variants=[Rendered(language=language, text=truncate(body, limit))],
+            joined=False,
+        )
+        # The dispatcher starts every channel while it runs; this process may not be the
+        # one holding its lease (start is idempotent).
+        await channel.start()
+        errors = []
+        for recipient in channel.recipients():
+            message = Message(
+                render=render,
+                recipient=Recipient(id=recipient.id, language=language),
+                thread=None,
+                incident_id=0,
+                update_id=0,
+                delivery_key=f"reply:{from_channel}:{reference}:{recipient.id}",
+            )
+            try:
+                async with asyncio.timeout(FORWARD_TIMEOUT_SECONDS):
+                    await channel.send(message)
+            except DeliveryError as exc:
+                errors.append(str(exc))
+            except TimeoutError:
+                errors.append(f"{target}: no answer within {FORWARD_TIMEOUT_SECONDS:.0f} s")
+        return "; ".join(errors) or None
 
     async def record_receipt(
         self, channel: str, provider_id: str, state: DeliveryState, error: str | None
@@ -163,9 +374,12 @@ class StoreSupportDesk:
             channel, address, subscribed=subscribed, source=source
         )
 
-    def _labels(self, language: str) -> dict[str, str]:
+    def _labels(self, language: str, table: str = "bot") -> dict[str, str]:
         library = self.broadcaster.library
-        return {key: library.label(key, language, "bot") for key in BOT_LABELS}
+        keys = _LABEL_TABLES.get(table)
+        if keys is None:
+            raise NotFoundError(f"no label table [{table}] — known: {', '.join(_LABEL_TABLES)}")
+        return {key: library.label(key, language, table) for key in keys}
 
     async def current_state(self, channel: str, language: str | None) -> CurrentState:
         b = self.broadcaster

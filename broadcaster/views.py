@@ -14,6 +14,7 @@ from rich.text import Text
 from broadcaster.models import (
     AuditEntry,
     ChannelProgress,
+    ChannelRender,
     Delivery,
     DeliveryState,
     Incident,
@@ -34,6 +35,7 @@ _STATE_STYLE = {
     DeliveryState.DELIVERED: "bold green",
     DeliveryState.FAILED: "bold red",
     DeliveryState.UNDELIVERED: "red",
+    DeliveryState.REROUTED: "blue",
     DeliveryState.CANCELLED: "magenta",
     DeliveryState.SUPERSEDED: "dim",
 }
@@ -56,6 +58,9 @@ def progress_table(progress: Sequence[ChannelProgress], *, title: str | None = N
         note = Text(f"broken: {item.broken}", style="bold red") if item.broken else Text("")
         if not item.broken and item.pending:
             note = Text("in progress", style="cyan")
+        if item.held and item.held_until is not None:
+            held = f"{item.held} held for quiet hours until {item.held_until:%Y-%m-%d %H:%M} UTC"
+            note = Text.assemble(note, "; " if note.plain else "", Text(held, style="yellow"))
         table.add_row(item.label, *[str(item.counts.get(state, 0) or "") for state in states], note)
     if not progress:
         table.add_row("(no deliveries)", *[""] * (len(states) + 1))
@@ -83,24 +88,25 @@ def preview_view(preview: Preview, *, max_lines: int | None = None) -> Renderabl
         measures = " | ".join(f"{m.language}: {m.describe()}" for m in render.measures)
         if render.channel in reach:
             measures += f" — {reach_line(reach[render.channel])}"
-        text = (
-            render.text()
-            if render.joined
-            else "\n\n".join(f"[{v.language}] {v.text}" for v in render.variants)
-        )
-        if max_lines is not None and text.count("\n") >= max_lines:
-            text = "\n".join(text.splitlines()[:max_lines]) + "\n…"
-        body = Text(text)
-        subject = render.subject()
-        if subject:
-            body = Text.assemble(Text(f"Subject: {subject}\n\n", style="bold"), body)
         parts.append(
             Panel(
-                body,
+                _preview_body(render, max_lines),
                 title=f"{render.channel} ({render.family.value}, template {render.template})",
                 subtitle=measures,
                 title_align="left",
                 subtitle_align="left",
+            )
+        )
+    for render in preview.fallbacks:
+        parts.append(
+            Panel(
+                _preview_body(render, max_lines),
+                title=f"{render.channel} ({render.family.value}, template {render.template})"
+                " — fallback only: for subscribers re-routed here",
+                subtitle=" | ".join(f"{m.language}: {m.describe()}" for m in render.measures),
+                title_align="left",
+                subtitle_align="left",
+                border_style="dim",
             )
         )
     if preview.failures:
@@ -111,6 +117,22 @@ def preview_view(preview: Preview, *, max_lines: int | None = None) -> Renderabl
     else:
         parts.append(Text("✓ all checks passed", style="green"))
     return Group(*parts)
+
+
+def _preview_body(render: ChannelRender, max_lines: int | None) -> Text:
+    """A render's subject and text as a preview panel shows them."""
+    text = (
+        render.text()
+        if render.joined
+        else "\n\n".join(f"[{v.language}] {v.text}" for v in render.variants)
+    )
+    if max_lines is not None and text.count("\n") >= max_lines:
+        text = "\n".join(text.splitlines()[:max_lines]) + "\n…"
+    body = Text(text)
+    subject = render.subject()
+    if subject:
+        body = Text.assemble(Text(f"Subject: {subject}\n\n", style="bold"), body)
+    return body
 
 
 def reach_line(reach: Reach) -> str:
@@ -244,6 +266,8 @@ def progress_json(progress: Sequence[ChannelProgress]) -> list[dict[str, Any]]:
             "action": p.action.value,
             "counts": {s.value: n for s, n in p.counts.items()},
             "broken": p.broken,
+            "held": p.held,
+            "held_until": p.held_until.isoformat() if p.held_until else None,
             "failures": [
                 {
                     "id": d.id,

@@ -90,6 +90,12 @@ class ChannelConfig(BaseModel):
         default=False,
         description="transliterate to the GSM-7 alphabet (ê -> e) so SMS cost fewer segments",
     )
+    fallback: str | None = Field(
+        default=None,
+        description="subscriber channels: another subscriber channel (sms -> email) that "
+        "takes a subscriber's delivery when it fails permanently here or this channel is "
+        "broken, if they are subscribed there too",
+    )
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,10 @@ class ChannelContext:
     # Where `broadcaster serve` is reached from outside (serve.public_url), for links
     # and callbacks a provider calls back (Twilio's StatusCallback); None: not set.
     public_url: str | None = None
+    # Subscriber id -> their signed manage page URL (self-service); POSTing to
+    # `<url>/unsubscribe` is RFC 8058 one-click. It returns None when self-service,
+    # serve.public_url or subscribers.secret is not configured.
+    manage_url: Callable[[str], str | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, make_msgid, parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 from urllib.parse import quote
@@ -68,6 +68,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The footer line of every update when the subscriber has a manage page (self-service).
+MANAGE_FOOTER = {
+    "en": "Manage or stop these emails: ",
+    "fr": "Gérer ou arrêter ces e-mails\u00a0: ",
+}
 SUBJECT_MAX_CHARS = 150  # RFC 5322 folds longer ones; mail clients show ~60-80 in a list
 # A pooled session idle longer than this is asked NOOP before it carries a message: the
 # server may have timed it out (RFC 5321 4.5.3.2: at least 5 minutes) without us noticing.
@@ -533,7 +538,8 @@ class EmailChannel(Channel):
             root, parent = message.thread.root, message.thread.parent
             mail["In-Reply-To"] = _msg_id(parent.provider_id)
             mail["References"] = " ".join(_references(root, parent))
-        unsubscribe = self._unsubscribe(recipient.id)
+        manage = self._manage_url(recipient.id)
+        unsubscribe = self._unsubscribe(recipient.id, manage)
         mail["List-Unsubscribe"] = f"<{unsubscribe}>"
         if unsubscribe.startswith("https://"):
             # RFC 8058 one-click: the link is POSTed to, without a page to confirm on.
@@ -542,18 +548,74 @@ class EmailChannel(Channel):
         # header says the same to Outlook.
         mail["Auto-Submitted"] = "auto-generated"
         mail["X-Auto-Response-Suppress"] = "OOF, AutoReply"
-        mail.set_content(variant.text)
+        text = variant.text
+        if manage is not None:
+            footer = MANAGE_FOOTER.get(variant.language.split("-")[0], MANAGE_FOOTER["en"])
+            text = f"{text}\n\n{footer}{manage}"
+        mail.set_content(text)
         mail.add_alternative(
-            html_body(variant.text, language=variant.language, title=subject), subtype="html"
+            html_body(text, language=variant.language, title=subject), subtype="html"
         )
         # After the parts: making them moves every Content-* header into the first part.
         mail["Content-Language"] = variant.language
         return mail, message_id
 
-    def _unsubscribe(self, subscriber: str) -> str:
+    def _manage_url(self, subscriber: str) -> str | None:
+        """The subscriber's manage page (self-service), when the core lends one."""
+        manage_url = self.context.manage_url
+        return manage_url(subscriber) if manage_url is not None else None
+
+    def _unsubscribe(self, subscriber: str, manage: str | None = None) -> str:
+        """List-Unsubscribe: `unsubscribe_url` when set, else the manage page's one-click
+        endpoint, else a mailto: to the sender."""
         if self.config.unsubscribe_url:
             return self.config.unsubscribe_url.replace("{subscriber}", quote(subscriber, safe=""))
+        if manage is not None:
+            return f"{manage}/unsubscribe"
         return f"mailto:{self._from.addr_spec}?subject=unsubscribe"
+
+    async def send_notice(self, to: str, subject: str, text: str, *, language: str) -> str:
+        """Send one email that is not an update (a sign-up's confirmation link) from this
+        channel's sender, as text and HTML: no thread, no unsubscribe header (the person
+        is not subscribed). Its Message-ID, or the contract's errors."""
+        policy = email.policy.SMTP if to.isascii() else email.policy.SMTPUTF8
+        mail = EmailMessage(policy=policy)
+        mail["Subject"] = subject
+        mail["From"] = self.config.from_address
+        mail["To"] = to
+        if self.config.reply_to:
+            mail["Reply-To"] = self.config.reply_to
+        mail["Date"] = format_datetime(datetime.now(UTC), usegmt=True)
+        message_id = make_msgid(domain=self.domain)
+        mail["Message-ID"] = message_id
+        mail["Auto-Submitted"] = "auto-generated"
+        mail["X-Auto-Response-Suppress"] = "OOF, AutoReply"
+        mail.set_content(text)
+        mail.add_alternative(html_body(text, language=language, title=subject), subtype="html")
+        mail["Content-Language"] = language
+        data = mail.as_bytes()
+        if self.signs:
+            data = await asyncio.to_thread(self.sign, data, list(mail.keys()))
+        await self.start()
+        assert self._pool is not None
+        try:
+            await self._pool.send(
+                self._from.addr_spec, to, data, [] if to.isascii() else ["SMTPUTF8"]
+            )
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            import aiosmtplib as smtp
+
+            what = f"{self.name} → {mask(to)}"
+            if isinstance(exc, smtp.SMTPRecipientsRefused):
+                refused = exc.recipients[0]
+                raise _refusal(
+                    what, refused.code, _reply(refused.code, refused.message, to)
+                ) from None
+            raise TransientError(f"{what}: notice not sent ({type(exc).__name__})") from None
+        log.info("%s: notice %s sent to %s", self.name, message_id, mask(to))
+        return message_id
 
     @property
     def signs(self) -> bool:

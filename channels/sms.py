@@ -11,7 +11,8 @@ is accepted by Twilio as `queued`, so the delivery is `sent` with the Message SI
 status callback Twilio POSTs to `/inbound/<channel>` moves it to `delivered`,
 `undelivered` or `failed`. The same endpoint takes the messages users send to the number
 (the Messaging webhook "A message comes in"): STOP and its synonyms opt them out of the
-channel, START opts them back in.
+channel, START opts them back in, STATUS and HELP are answered (TwiML), and anything else
+is forwarded to the team's channel (`subscribers.replies_to`) and recorded.
 
 **Decision (where StatusCallback points):** `status_callback_url` when set (Twilio
 reaches `serve` at another address than `serve.public_url`), else
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, quote
@@ -43,6 +45,14 @@ from broadcaster.models import (
 )
 from broadcaster.subscribers import mask
 from broadcaster.support import pick_language
+from broadcaster.text import (
+    SmsEncoding,
+    measure_sms,
+    sms_encoding,
+    split_graphemes,
+    to_gsm7,
+    truncate,
+)
 from channels.base import (
     Channel,
     ChannelBrokenError,
@@ -61,15 +71,20 @@ from channels.base import (
 if TYPE_CHECKING:
     from multidict import MultiDict
 
-    from broadcaster.support import SupportDesk
+    from broadcaster.support import CurrentState, SupportDesk
 
 __all__ = [
+    "HELP_KEYWORDS",
     "OPT_IN_KEYWORDS",
     "OPT_OUT_KEYWORDS",
+    "STATUS_KEYWORDS",
     "SmsChannel",
     "SmsConfig",
     "SmsInbound",
     "consent_keyword",
+    "help_sms",
+    "status_sms",
+    "support_keyword",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +130,11 @@ OPT_OUT_KEYWORDS = frozenset(
     {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
 )
 OPT_IN_KEYWORDS = frozenset({"START", "YES", "UNSTOP"})
+# What we answer ourselves: the whole message, any case, accents and a trailing ".!?"
+# ignored (ÉTAT = ETAT). HELP and INFO are Twilio's default help keywords, which it
+# also answers itself on long codes (see `support_keyword`); ETAT and AIDE are French.
+STATUS_KEYWORDS = frozenset({"STATUS", "ETAT"})
+HELP_KEYWORDS = frozenset({"HELP", "INFO", "AIDE"})
 
 # Twilio error codes (https://www.twilio.com/docs/api/errors) that no recipient can fix:
 # every send of the channel would fail the same way until the config is fixed.
@@ -274,6 +294,94 @@ def consent_keyword(body: str, opt_out_type: str | None) -> bool | None:
     if word in OPT_IN_KEYWORDS:
         return True
     return None
+
+
+def support_keyword(body: str, opt_out_type: str | None) -> str | None:
+    """`status` or `help` when an incoming text asks for it, else None.
+
+    With Advanced Opt-Out, Twilio names a help keyword in `OptOutType` and has already
+    answered it with the Messaging Service's own HELP text: None then, so the sender does
+    not get two answers. Without it, Twilio still sends its generic reply to HELP and INFO
+    on long codes and toll-free numbers ("Twilio support for opt-out keywords"), and ours,
+    with the support contact, follows it."""
+    if opt_out_type:
+        return None
+    decomposed = unicodedata.normalize("NFKD", body.strip().rstrip(".!?").strip())
+    word = "".join(c for c in decomposed if not unicodedata.combining(c)).upper()
+    if word in STATUS_KEYWORDS:
+        return "status"
+    if word in HELP_KEYWORDS:
+        return "help"
+    return None
+
+
+def _fill(label: str, **values: str) -> str:
+    """A label with its `{name}`s filled (not str.format: labels are user files)."""
+    for key, value in values.items():
+        label = label.replace("{" + key + "}", value)
+    return label
+
+
+def _ellipsis(text: str) -> str:
+    # "…" is not GSM-7: in a GSM-7 text it would make the whole SMS UCS-2.
+    return "..." if sms_encoding(text) is SmsEncoding.GSM7 else "…"
+
+
+def fit_sms(text: str, max_segments: int, *, gsm7: bool) -> str:
+    """`text` as sent (transliterated to GSM-7 when `gsm7`), cut to `max_segments`."""
+    sent = to_gsm7(text) if gsm7 else text
+    if measure_sms(sent).segments <= max_segments:
+        return sent
+    # No segment holds more than 160 characters: start there, then shorten.
+    keep = min(len(split_graphemes(sent)), max_segments * 160)
+    while keep > 0:
+        cut = truncate(sent, keep, ellipsis=_ellipsis(sent))
+        if measure_sms(cut).segments <= max_segments:
+            return cut
+        keep -= 1
+    return ""
+
+
+def status_sms(
+    state: CurrentState, words: Mapping[str, str], *, max_segments: int, gsm7: bool
+) -> str:
+    """The answer to STATUS: how many incidents are open, the latest one's title and
+    status, and the status page — or the all-clear — within `max_segments`. The title is
+    shortened first; the link is never cut (a message too long even so is cut whole).
+
+    `state.labels` are the `[bot]` words (all_clear, status_page), `words` the `[sms]`
+    ones, both in `state.language`."""
+    url = state.status_page_url
+    link = _fill(state.labels["status_page"], url=url) if url else ""
+
+    def text(title: str) -> str:
+        if not state.incidents:
+            head = state.labels["all_clear"]
+        else:
+            latest, count = state.incidents[0], len(state.incidents)
+            label = words["open_one"] if count == 1 else words["open_many"]
+            head = _fill(label, count=str(count), title=title, status=latest.status_label)
+        return f"{head} {link}".strip()
+
+    def sent(title: str) -> str:
+        return to_gsm7(text(title)) if gsm7 else text(title)
+
+    title = state.incidents[0].title if state.incidents else ""
+    for keep in range(len(split_graphemes(title)), 0, -1):
+        candidate = sent(truncate(title, keep, ellipsis=_ellipsis(title)))
+        if measure_sms(candidate).segments <= max_segments:
+            return candidate
+    return fit_sms(text(title), max_segments, gsm7=gsm7)
+
+
+def help_sms(
+    words: Mapping[str, str], contact: str | None, *, max_segments: int, gsm7: bool
+) -> str:
+    """The answer to HELP: the keywords, then the support contact when one is set."""
+    parts = [words["help"]]
+    if contact:
+        parts.append(_fill(words["contact"], contact=contact))
+    return fit_sms(" ".join(parts), max_segments, gsm7=gsm7)
 
 
 def mask_numbers(text: str) -> str:
@@ -506,6 +614,40 @@ class SmsChannel(Channel):
             raise PermanentError(f"{what}: {twilio_error(code, sent.error_message)}")
         return Receipt(provider_id=str(sent.sid), delivered=False)
 
+    async def send_notice(self, to: str, text: str, *, validity_seconds: int | None = None) -> str:
+        """Send one text that is not an update (a sign-up's confirmation code) from this
+        channel's sender: no status callback (no delivery tracks it). Its Message SID,
+        or the contract's errors. `validity_seconds` caps Twilio's ValidityPeriod, so a
+        code is not delivered after it has expired."""
+        import aiohttp
+
+        await self.start()
+        client = self._client_or_broken()
+        what = f"{self.name} → {mask(to)}"
+        validity = self.config.validity_seconds
+        params: dict[str, Any] = {
+            "to": to,
+            "body": text,
+            "validity_period": min(validity, validity_seconds or validity),
+        }
+        if self.config.from_number:
+            params["from_"] = self.config.from_number
+        else:
+            params["messaging_service_sid"] = self.config.messaging_service_sid
+        try:
+            async with asyncio.timeout(self.request_timeout_seconds):
+                sent = await client.messages.create_async(**params)
+        except TimeoutError:
+            raise TransientError(f"{what}: no answer from Twilio") from None
+        except api_errors() as exc:
+            raise self.classify(exc, what) from None
+        except aiohttp.ClientError as exc:
+            raise TransientError(f"{what}: {type(exc).__name__}") from None
+        if str(sent.status or "") in ("failed", "undelivered"):
+            raise PermanentError(f"{what}: {twilio_error(sent.error_code, sent.error_message)}")
+        log.info("%s: notice %s sent to %s", self.name, sent.sid, mask(to))
+        return str(sent.sid)
+
     async def _opt_out(self, number: str, source: str) -> None:
         """Record an opt-out Twilio already enforces, so fan-outs skip the number."""
         desk = self.context.support_desk
@@ -560,7 +702,13 @@ class SmsInbound(InboundEndpoint):
     HMAC-SHA1, keyed with the auth token, of one of the URLs Twilio is given for this
     channel followed by the form's parameters; otherwise 401 and nothing changes. Then
     it is answered at once, with empty TwiML (`<Response/>`: Twilio's own opt-out
-    handling sends the STOP/START confirmations), and acted on after the answer.
+    handling sends the STOP/START confirmations), and acted on after the answer —
+    except STATUS and HELP, answered in the TwiML itself (`<Message>`), in the sender's
+    language when they are a subscriber.
+
+    **Decision (answers in TwiML):** the reply rides on the webhook's answer, so it costs
+    no API call and needs no tracking; it is not a delivery (no row, no retry). Twilio
+    sends it from the number that was texted, through the same sender queue as updates.
     """
 
     def __init__(self, channel: SmsChannel, desk: SupportDesk) -> None:
@@ -607,7 +755,7 @@ class SmsInbound(InboundEndpoint):
         if status is not None and status not in ("received", "receiving"):
             return self._receipt(params, status)
         if "Body" in params and params.get("From"):
-            return self._incoming(params)
+            return await self._incoming(params)
         return self._twiml()
 
     @staticmethod
@@ -643,13 +791,13 @@ class SmsInbound(InboundEndpoint):
 
         return self._twiml(record)
 
-    def _incoming(self, params: MultiDict[str]) -> InboundReply:
+    async def _incoming(self, params: MultiDict[str]) -> InboundReply:
         """A message from a user: STOP and START (Twilio's keywords) change their consent;
-        anything else is ignored for now."""
+        STATUS and HELP are answered; anything else goes to the team."""
         body, number = params.get("Body", ""), params.get("From", "")
         subscribed = consent_keyword(body, params.get("OptOutType"))
         if subscribed is None:
-            return self._twiml()
+            return await self._support(params)
         keyword = body.strip().upper()[:40] or str(params.get("OptOutType"))
 
         async def change() -> None:
@@ -662,3 +810,54 @@ class SmsInbound(InboundEndpoint):
                 log.exception("%s: could not record %s from %s", self.name, keyword, mask(number))
 
         return self._twiml(change)
+
+    async def _support(self, params: MultiDict[str]) -> InboundReply:
+        """STATUS and HELP answered in TwiML; other text forwarded after the answer."""
+        body, number = params.get("Body", ""), params.get("From", "")
+        opt_out_type = params.get("OptOutType")
+        keyword = support_keyword(body, opt_out_type)
+        if keyword is None:
+            if opt_out_type or not body.strip():
+                return self._twiml()  # Twilio answered HELP; or a picture without text
+            reference = params.get("MessageSid") or params.get("SmsSid") or ""
+
+            async def forward() -> None:
+                try:
+                    # The desk records it and logs the outcome, with the number masked.
+                    await self.desk.forward_reply(self.name, number, body, reference)
+                except Exception:
+                    log.exception("%s: could not record the reply of %s", self.name, mask(number))
+
+            return self._twiml(forward)
+        config = self.channel.config
+        try:
+            language = await self.desk.language_of(self.name, number)
+            if keyword == "status":
+                state = await self.desk.current_state(self.name, language)
+                words = self.desk.labels(self.name, state.language, "sms")
+                text = status_sms(state, words, max_segments=config.max_segments, gsm7=config.gsm7)
+            else:
+                words = self.desk.labels(self.name, language, "sms")
+                contact = self.desk.support_contact()
+                text = help_sms(words, contact, max_segments=config.max_segments, gsm7=config.gsm7)
+        except Exception:
+            # Twilio retries nothing on an error answer: say nothing rather than fail.
+            log.exception("%s: could not answer %s", self.name, keyword.upper())
+            return self._twiml()
+        log.info(
+            "%s: %s answered to %s",
+            self.name,
+            keyword.upper(),
+            mask(number),
+            extra={"channel": self.name},
+        )
+        return self._answer(text)
+
+    @staticmethod
+    def _answer(text: str) -> InboundReply:
+        """TwiML that sends `text` back to the sender (escaped by twilio-python)."""
+        from twilio.twiml.messaging_response import MessagingResponse
+
+        response = MessagingResponse()
+        response.message(text)
+        return InboundReply(status=200, body=str(response).encode(), content_type="text/xml")

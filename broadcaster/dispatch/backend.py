@@ -13,11 +13,11 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 
-from broadcaster.config import DispatchSettings
+from broadcaster.config import DispatchSettings, QuietHours
 from broadcaster.dispatch.dispatcher import Dispatcher
 from broadcaster.models import ChannelRender
 from broadcaster.store import Claimed, DeliveryQueue, Store
-from broadcaster.store.queue import new_holder_id
+from broadcaster.store.queue import QuietWindow, new_holder_id
 from channels.base import Channel
 
 log = logging.getLogger("broadcaster.dispatch")
@@ -63,12 +63,21 @@ class EmbeddedBackend(DispatchBackend):
         channels: Mapping[str, Channel],
         settings: DispatchSettings,
         *,
+        quiet_hours: QuietHours | None = None,
+        timezone: str = "UTC",
         tick_seconds: float = 0.2,
     ) -> None:
+        """`quiet_hours` (subscribers.quiet_hours) hold non-critical updates to subscribers
+        whose local time is inside them; `timezone` is the zone of those who set none."""
         self.store = store
         self.queue = DeliveryQueue(store)
         self.channels = channels
         self.settings = settings
+        self.quiet = (
+            QuietWindow(start=quiet_hours.start, end=quiet_hours.end, default_timezone=timezone)
+            if quiet_hours is not None
+            else None
+        )
         self.tick_seconds = tick_seconds
         self.holder = new_holder_id()
         self._dispatcher: Dispatcher | None = None
@@ -136,7 +145,9 @@ class EmbeddedBackend(DispatchBackend):
                         # been fixed since one was found broken.
                         await self.queue.mark_healthy(list(self.channels))
                         stop = asyncio.Event()
-                        self._dispatcher = Dispatcher(self.store, self.channels, self.settings)
+                        self._dispatcher = Dispatcher(
+                            self.store, self.channels, self.settings, quiet=self.quiet
+                        )
                         running = asyncio.create_task(self._dispatcher.run(stop))
                     elif holds:
                         # A send stuck past its lease (a hung task) is sent again.

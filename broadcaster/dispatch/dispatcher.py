@@ -4,12 +4,17 @@ One loop per channel claims due deliveries (at most the channel's concurrency at
 and sends each in its own task, through the channel's rate limits. Outcomes are written
 back in batches by one writer. A delivery's slot is freed only once its outcome is
 committed, so a killed process can re-send at most `concurrency` deliveries per channel.
+
+A subscriber channel with a fallback hands the fallback what it cannot send: a delivery
+that fails permanently (in the transaction that fails it), and, once the channel is found
+broken, everything queued on it that the fallback can reach (`_while_broken`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Mapping
@@ -22,6 +27,7 @@ from broadcaster.dispatch.retry import RetryPolicy
 from broadcaster.errors import ChannelBrokenError, PermanentError, PostGoneError, TransientError
 from broadcaster.models import ChannelRender, DeliveryAction, DeliveryState, Thread
 from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store, Target
+from broadcaster.store.queue import QuietWindow, Reroute
 from broadcaster.store.subscribers import SubscriberStore
 from broadcaster.store.tables import utcnow
 from channels.base import Channel, Message, Recipient
@@ -30,6 +36,7 @@ log = logging.getLogger("broadcaster.dispatch")
 
 SEND_TIMEOUT_SECONDS = 60.0
 BROKEN_RECHECK_SECONDS = 2.0
+REROUTE_SWEEP_SECONDS = 30.0  # a broken channel's queue is looked through at least this often
 RENDERS_KEPT = 1024  # (update, channel) renders kept in memory, least recently used out
 FANOUT_BATCH = 2000  # subscribers turned into deliveries per transaction
 
@@ -44,6 +51,12 @@ class _ChannelState:
     # The queue may hold due deliveries: claim before sleeping. Handing deliveries over
     # does not set it, so a publish that hands its deliveries costs no claim.
     look: bool = True
+    # Broken with a fallback: queued deliveries may be waiting to be re-routed.
+    reroute: bool = False
+    # Found broken, with a fallback: not marked in the store until its fan-outs are done
+    # and its queue re-routed, so `wait` keeps waiting for what the fallback takes.
+    unmarked: bool = False
+    swept_at: float = 0.0  # loop time of the last look through a broken channel's queue
 
 
 def retry_policy(channel: Channel) -> RetryPolicy:
@@ -90,6 +103,20 @@ def outcome_of_failure(
     return Outcome(claimed.id, DeliveryState.QUEUED, last_error=message, next_attempt_at=when)
 
 
+def fallbacks_of(channels: Mapping[str, Channel]) -> dict[str, Reroute]:
+    """Per subscriber channel with a configured fallback (checked at load), where its
+    deliveries go when they cannot go out on it."""
+    found = {}
+    for name, channel in channels.items():
+        fallback = channel.config.fallback
+        if fallback is None or fallback == name:
+            continue
+        target = channels.get(fallback)
+        if target is not None and target.address_kind is not None:
+            found[name] = Reroute(source=name, fallback=fallback, kind=target.address_kind)
+    return found
+
+
 class Dispatcher:
     """Sends queued deliveries of the given channels until stopped."""
 
@@ -98,12 +125,16 @@ class Dispatcher:
         store: Store,
         channels: Mapping[str, Channel],
         settings: DispatchSettings,
+        *,
+        quiet: QuietWindow | None = None,
     ) -> None:
         self.store = store
         self.queue = DeliveryQueue(store)
         self.subscribers = SubscriberStore(store)
         self.channels = dict(channels)
         self.settings = settings
+        self.quiet = quiet
+        self.fallbacks = fallbacks_of(self.channels)
         self.limiters = RateLimiters()
         self._states = {name: _ChannelState() for name in self.channels}
         self._outcomes: asyncio.Queue[tuple[str, Outcome, str | None]] = asyncio.Queue()
@@ -193,8 +224,8 @@ class Dispatcher:
                 await self._start_sends(channel, batch)
                 continue
             if state.broken is not None:
-                if await self.queue.is_broken(channel.name):
-                    await self._sleep(state, BROKEN_RECHECK_SECONDS)
+                if state.unmarked or await self.queue.is_broken(channel.name):
+                    await self._while_broken(channel, state)
                     continue
                 log.warning(
                     "%s: marked healthy again, resuming",
@@ -215,7 +246,9 @@ class Dispatcher:
             fanning = False
             try:
                 if channel.address_kind is not None:  # subscribers: create the next batch
-                    fanning = await self.queue.advance_fanout(channel.name, FANOUT_BATCH)
+                    fanning = await self.queue.advance_fanout(
+                        channel.name, FANOUT_BATCH, quiet=self.quiet
+                    )
                 claimed = await self.queue.claim(
                     channel.name, free, self.settings.sending_lease_seconds
                 )
@@ -236,6 +269,63 @@ class Dispatcher:
             else:
                 state.look = True  # a full claim, or a fan-out going on: more may be due
 
+    async def _while_broken(self, channel: Channel, state: _ChannelState) -> None:
+        """A broken channel sends nothing. With a fallback, its fan-outs go on and what
+        is queued on it is re-routed now, not once it works again: an SMS account
+        suspended mid-outage must not leave subscribers who also have email waiting.
+        Whoever the fallback cannot reach stays queued here. The channel is marked
+        broken in the store once its running fan-outs are done and re-routed."""
+        reroute = self.fallbacks.get(channel.name)
+        if reroute is None or state.broken is None:
+            await self._sleep(state, BROKEN_RECHECK_SECONDS)
+            return
+        running = False
+        reason = f"{channel.name} is broken"
+        try:
+            # A fan-out batch goes to the fallback as it is created.
+            stepped, running = await self.queue.fanout_step(
+                channel.name, FANOUT_BATCH, quiet=self.quiet, reroute=reroute, reason=reason
+            )
+            if stepped:
+                self._look_at(reroute.fallback)
+            now = asyncio.get_running_loop().time()
+            # Looking through the whole queue costs a scan of it: when the channel was
+            # found broken or outcomes came back to it since, and now and then for what
+            # other processes queued (their publishes' fan-outs are taken above).
+            if state.reroute or now - state.swept_at >= REROUTE_SWEEP_SECONDS:
+                state.reroute = False
+                state.swept_at = now
+                moved = await self.queue.reroute_queued(reroute, reason=reason, batch=FANOUT_BATCH)
+                if moved:
+                    log.warning(
+                        "%s: broken, %d deliveries re-routed to %s",
+                        channel.name,
+                        moved,
+                        reroute.fallback,
+                        extra={"channel": channel.name, "outcome": "rerouted"},
+                    )
+                    self._look_at(reroute.fallback)
+            if state.unmarked and not running:
+                await self.queue.mark_broken(channel.name, state.broken)
+                state.unmarked = False
+        except Exception:  # the store is busy or briefly gone: look again later
+            log.exception(
+                "%s: could not re-route deliveries; retrying",
+                channel.name,
+                extra={"channel": channel.name},
+            )
+            state.reroute = True
+            running = False
+        if not running:
+            await self._sleep(state, BROKEN_RECHECK_SECONDS)
+
+    def _look_at(self, name: str) -> None:
+        """Deliveries were queued on channel `name` by this process: claim them now."""
+        state = self._states.get(name)
+        if state is not None:
+            state.look = True
+            state.wake.set()
+
     async def _sleep(self, state: _ChannelState, seconds: float) -> None:
         """Until woken, or `seconds`; then the queue is looked at again in any case."""
         try:
@@ -251,8 +341,9 @@ class Dispatcher:
                 if render is None:
                     for name, stored in (await self.store.renders(item.update_id)).items():
                         self._keep_render((item.update_id, name), stored)
-                    render = self._renders[(item.update_id, channel.name)]
-                renders[item.update_id] = render
+                    render = self._renders.get((item.update_id, channel.name))
+                if render is not None:
+                    renders[item.update_id] = render
         threads: dict[tuple[int, str], Thread] = {}
         if channel.capabilities.threads:
             threads = await self.queue.threads(channel.name, claimed)
@@ -263,6 +354,14 @@ class Dispatcher:
                 channel.name, channel.address_kind, {int(c.recipient) for c in claimed}
             )
         for item in claimed:
+            if item.update_id not in renders:  # never expected: the queue must not stall
+                unrendered = Outcome(
+                    item.id,
+                    DeliveryState.FAILED,
+                    last_error=f"{channel.name}: update #{item.update_id} has no render here",
+                )
+                self._outcomes.put_nowait((channel.name, unrendered, None))
+                continue
             target = targets.get(item.target_id) if item.target_id is not None else None
             address = addresses.get(int(item.recipient)) if addresses else None
             if channel.address_kind is not None and address is None:
@@ -314,6 +413,7 @@ class Dispatcher:
                 outcome = await self._act(channel, claimed, message, target)
         except (TransientError, PermanentError, ChannelBrokenError) as error:
             outcome = self._failure(channel, claimed, error)
+            outcome = self._with_fallback(channel, claimed, error, outcome)
             if isinstance(error, ChannelBrokenError):
                 broken = str(error)
         except TimeoutError:
@@ -362,6 +462,20 @@ class Dispatcher:
             provider_data=receipt.data or None,
         )
 
+    def _with_fallback(
+        self, channel: Channel, claimed: Claimed, error: Exception, outcome: Outcome
+    ) -> Outcome:
+        """A post to a subscriber that fails permanently, or meets the channel broken,
+        goes to the channel's fallback (when the subscriber can be reached there: decided
+        as the outcome is written). A fallback delivery is never re-routed again."""
+        reroute = self.fallbacks.get(channel.name)
+        if reroute is None or claimed.action != DeliveryAction.POST.value:
+            return outcome
+        permanent = isinstance(error, PermanentError) and outcome.state is DeliveryState.FAILED
+        if permanent or isinstance(error, ChannelBrokenError):
+            return dataclasses.replace(outcome, reroute=reroute)
+        return outcome
+
     @staticmethod
     def _failure(channel: Channel, claimed: Claimed, error: Exception) -> Outcome:
         return outcome_of_failure(
@@ -391,16 +505,25 @@ class Dispatcher:
                 log.exception("could not record %d outcomes; retrying", len(batch))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for name, _outcome, broken in batch:
+        for name, outcome, broken in batch:
             state = self._states[name]
             state.unsettled -= 1
+            if outcome.reroute is not None:
+                self._look_at(outcome.reroute.fallback)
+            if broken is not None or state.broken is not None:
+                state.reroute = True  # something may be queued here that the fallback takes
             if broken is not None and state.broken is None:
                 state.broken = broken
+                fallback = self.fallbacks.get(name)
                 log.error(
-                    "%s: channel broken, its deliveries stay queued: %s",
+                    "%s: channel broken, its deliveries stay queued%s: %s",
                     name,
+                    f" (those {fallback.fallback} reaches are re-routed there)" if fallback else "",
                     broken,
                     extra={"channel": name, "outcome": "broken"},
                 )
-                await self.queue.mark_broken(name, broken)
+                if fallback is not None:
+                    state.unmarked = True  # marked by _while_broken, once re-routed
+                else:
+                    await self.queue.mark_broken(name, broken)
             state.wake.set()

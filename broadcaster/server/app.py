@@ -31,6 +31,7 @@ from broadcaster.server.inbound import InboundEndpoints, inbound_router
 from broadcaster.server.limits import PerIpRateLimit
 from broadcaster.server.live_site import LiveSite
 from broadcaster.server.metrics import Metrics
+from broadcaster.server.subscribe import subscribe_router
 from broadcaster.site.media import CACHE_CONTROL, content_type
 
 # Public and cacheable for a few seconds: during an outage the page may be hit hard.
@@ -75,6 +76,9 @@ def create_app(broadcaster: Broadcaster, *, dispatch: bool = True) -> FastAPI:
     app.include_router(
         inbound_router(inbound, max_body_bytes=broadcaster.settings.hooks.max_body_bytes)
     )
+    if broadcaster.settings.subscribers.self_service:
+        # Before the public side's catch-all route; the form speaks the site's languages.
+        app.include_router(subscribe_router(broadcaster, languages=site.languages))
     metrics = Metrics(broadcaster)
     hook_sources = {
         route.path.removeprefix("/hooks/") for route in hooks.routes if isinstance(route, APIRoute)

@@ -26,13 +26,22 @@ from broadcaster.config import PerIpRateLimits, RateLimit
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Limited by refusals only, per prefix: the answers that spend a token. A webhook is
 # refused before anything runs; on the admin API a 404 or a failed check is a person's
-# ordinary mistake, a wrong token is not. Subscribe forms belong here too.
+# ordinary mistake, a wrong token is not.
 INBOUND_REFUSALS = {
     "/hooks/": frozenset({400, 401, 403, 404, 405, 413, 422}),
     # Provider callbacks (Telegram's support bot): a wrong secret is refused like a hook's.
     "/inbound/": frozenset({400, 401, 403, 404, 405, 413, 422}),
     "/v1/": frozenset({401, 403}),
+    # Self-service links (manage pages, one-click unsubscribe, confirmation links): the
+    # signed token is the credential, so only a refused one spends (a mail provider's
+    # one-click POSTs come from a few addresses, for many subscribers).
+    "/manage/": frozenset({400, 403, 404, 405, 410, 413, 422}),
+    "/subscribe/confirm": frozenset({400, 403, 404, 405, 410, 413, 422}),
 }
+# Sent to by anyone, and each one may send a message to an address: every POST spends a
+# token of the inbound limit, accepted or not (with the per-address and SMS caps and the
+# proof of work, this is what keeps the form from being used to spam or pump SMS).
+INBOUND_EVERY_POST = frozenset({"/subscribe", "/subscribe/verify"})
 
 
 class TokenBuckets:
@@ -123,7 +132,10 @@ class PerIpRateLimit:
             (codes for prefix, codes in INBOUND_REFUSALS.items() if path.startswith(prefix)),
             None,
         )
-        if refusals is not None:
+        if path in INBOUND_EVERY_POST and scope.get("method") == "POST":
+            kind, buckets, refusals = "inbound", self.inbound, None
+            wait = 0.0 if buckets is None else buckets.take(address)
+        elif refusals is not None:
             kind, buckets = "inbound", self.inbound
             wait = 0.0 if buckets is None else buckets.wait(address)
         else:

@@ -69,11 +69,13 @@ class Metrics:
         """The text exposition format, with gauges refreshed from the store."""
         store, queue = self.broadcaster.store, self.broadcaster.queue
         broken = set(await queue.broken_channels())
-        for progress in await store.progress(failures=0):
+        totals: dict[tuple[str, DeliveryState], int] = {}
+        for progress in await store.progress(failures=0):  # a row per channel and action
             for state in DeliveryState:
-                self.deliveries.labels(progress.channel, state.value).set(
-                    progress.counts.get(state, 0)
-                )
+                key = (progress.channel, state)
+                totals[key] = totals.get(key, 0) + progress.counts.get(state, 0)
+        for (channel, state), count in totals.items():
+            self.deliveries.labels(channel, state.value).set(count)
         for channel, count in (await queue.retried_counts()).items():
             self.retried.labels(channel).set(count)
         for name in self.broadcaster.channels:

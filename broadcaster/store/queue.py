@@ -1,4 +1,5 @@
-"""The deliveries table seen as a queue: claim, settle, resume, leases, channel health."""
+"""The deliveries table seen as a queue: claim, settle, resume, leases, channel health;
+subscriber fan-outs (quiet hours included) and re-routes to a fallback channel."""
 
 from __future__ import annotations
 
@@ -8,18 +9,33 @@ import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Connection, Integer, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    and_,
+    bindparam,
+    cast,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broadcaster.models import (
     PENDING_STATES,
     SUCCESS_STATES,
+    AddressKind,
     DeliveryAction,
     DeliveryState,
+    Impact,
     PostRef,
     Thread,
 )
@@ -27,9 +43,12 @@ from broadcaster.store.engine import is_sqlite
 from broadcaster.store.store import Claimed, Store, delivery_key
 from broadcaster.store.subscribers import fanout_batch
 from broadcaster.store.tables import (
+    AUDIT,
     DELIVERIES,
     FANOUTS,
     RENDERS,
+    SUBSCRIBERS,
+    SUBSCRIPTIONS,
     UPDATES,
     ChannelHealthRow,
     DeliveryRow,
@@ -39,6 +58,16 @@ from broadcaster.store.tables import (
 )
 
 _PENDING = [s.value for s in PENDING_STATES]
+
+
+@dataclass(frozen=True)
+class Reroute:
+    """Where a subscriber channel's deliveries go when they cannot go out on it: its
+    fallback channel (`ChannelConfig.fallback`), and the address that one delivers to."""
+
+    source: str
+    fallback: str
+    kind: AddressKind
 
 
 @dataclass(frozen=True)
@@ -53,6 +82,9 @@ class Outcome:
     permalink: str | None = None
     provider_data: dict[str, str] | None = None
     uncount_attempt: bool = False  # the try was not the recipient's (channel broken)
+    # Hand the delivery to this fallback once the outcome is written (a permanent failure,
+    # or the channel broken), when its subscriber can be reached there.
+    reroute: Reroute | None = None
 
     @property
     def has_receipt(self) -> bool:
@@ -158,12 +190,106 @@ def _claim_statement(sqlite: bool) -> Any:
 FANOUT_RUNNING = "running"
 
 
-def _fanout_step(conn: Connection, fanout: Any, limit: int) -> bool:
+@dataclass(frozen=True)
+class QuietWindow:
+    """Quiet hours as the fan-out applies them: between `start` and `end`, local time of
+    each subscriber (their time zone, else `default_timezone`), an update below `critical`
+    impact is held until `end`. `start` after `end`: the window crosses midnight."""
+
+    start: time
+    end: time
+    default_timezone: str
+
+    def release(self, now: datetime, timezone: str | None) -> datetime | None:
+        """When an update reaching someone in `timezone` at `now` may go out: the window's
+        end in their time zone (in UTC), or None when `now` is outside their window.
+
+        The end is the wall-clock time on the local date it falls on, so a daylight-saving
+        change in between moves it the way the person's clock moves. An end the clocks
+        skip (02:30 on a spring-forward night) is read with the offset before the change,
+        so it lands as late as the gap is long (03:30), as java.time does; an end the
+        clocks repeat is its first occurrence."""
+        zone = _zone(timezone, self.default_timezone)
+        local = now.astimezone(zone)
+        wall = local.time()
+        day = local.date()
+        if self.start < self.end:
+            inside = self.start <= wall < self.end
+        else:  # crosses midnight: 22:00-08:00
+            inside = wall >= self.start or wall < self.end
+            if wall >= self.start:
+                day += timedelta(days=1)
+        if not inside:
+            return None
+        end = datetime.combine(day, self.end, tzinfo=zone).astimezone(UTC)
+        return max(end, now)
+
+
+@functools.lru_cache(maxsize=512)
+def _zone(name: str | None, default: str) -> ZoneInfo:
+    """The subscriber's zone; the configured one when they have none (or an unknown one:
+    names are checked when stored, but the zone database can change under a store)."""
+    if name:
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return ZoneInfo(default)
+
+
+def _not_held(now: datetime) -> Any:
+    """Not waiting for quiet hours to end. Only quiet hours create a delivery that is due
+    later before any try (a retry counts an attempt; a broken channel's and a released
+    hand-over's requeue clear the time), so that is how a held one is told apart."""
+    table = _DELIVERIES
+    return or_(
+        table.c.state != DeliveryState.QUEUED.value,
+        table.c.attempts > 0,
+        table.c.next_attempt_at.is_(None),
+        table.c.next_attempt_at <= now,
+    )
+
+
+@functools.cache
+def _insert_new_deliveries(dialect: str) -> Any:
+    """INSERT of deliveries that skips any whose delivery key is stored already (a
+    fallback delivery raced by another: one of them is enough)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(_DELIVERIES).on_conflict_do_nothing(
+            index_elements=["delivery_key"]
+        )
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(_DELIVERIES).on_conflict_do_nothing(index_elements=["delivery_key"])
+
+
+def _fanout_step(
+    conn: Connection,
+    fanout: Any,
+    limit: int,
+    *,
+    quiet: QuietWindow | None = None,
+    now: datetime | None = None,
+    reroute: Reroute | None = None,
+    reason: str | None = None,
+) -> bool:
     """One batch of a fan-out; True when it is over (done, or its update was cancelled,
-    retracted or superseded: nobody gets "investigating" after "resolved")."""
+    retracted or superseded: nobody gets "investigating" after "resolved").
+
+    With `quiet`, an update below `critical` impact reaches a subscriber inside their
+    quiet hours at the window's end (`next_attempt_at`); a newer update supersedes it
+    while it waits, like any queued delivery. With `reroute` (the channel is broken), the
+    batch's deliveries go to the fallback at once where it reaches the subscriber."""
+    now = now or utcnow()
     update_row = conn.execute(
         select(
-            UPDATES.c.incident_id, UPDATES.c.seq, UPDATES.c.created_at, UPDATES.c.cancelled_at
+            UPDATES.c.incident_id,
+            UPDATES.c.seq,
+            UPDATES.c.created_at,
+            UPDATES.c.cancelled_at,
+            UPDATES.c.impact,
         ).where(UPDATES.c.id == fanout.update_id)
     ).one()
     newer = conn.execute(
@@ -185,7 +311,9 @@ def _fanout_step(conn: Connection, fanout: Any, limit: int) -> bool:
         )
     )
     touched = list(((render or {}).get("facts") or {}).get("components") or {})
-    now = utcnow()
+    if update_row.impact == Impact.CRITICAL.value:
+        quiet = None  # critical always goes out at once
+    followers = [subscriber for subscriber in batch if subscriber.follows(touched)]
     deliveries = [
         {
             "update_id": fanout.update_id,
@@ -200,11 +328,22 @@ def _fanout_step(conn: Connection, fanout: Any, limit: int) -> bool:
             "state": DeliveryState.QUEUED.value,
             "created_at": now,
         }
-        for subscriber in batch
-        if subscriber.follows(touched)
+        for subscriber in followers
     ]
+    if quiet is not None:
+        releases = [quiet.release(now, subscriber.timezone) for subscriber in followers]
+        if any(releases):  # else NULL, "due now", is left out as publish does
+            for row, release in zip(deliveries, releases, strict=True):
+                row["next_attempt_at"] = release
     if deliveries:
         conn.execute(insert(_DELIVERIES), deliveries)
+        if reroute is not None:
+            batch_of = [
+                _DELIVERIES.c.update_id == fanout.update_id,
+                _DELIVERIES.c.state == DeliveryState.QUEUED.value,
+                _DELIVERIES.c.recipient.in_([row["recipient"] for row in deliveries]),
+            ]
+            _reroute(conn, reroute, batch_of, now=now, reason=reason)
     over = ended is not None or len(batch) < limit
     conn.execute(
         update(FANOUTS)
@@ -216,6 +355,205 @@ def _fanout_step(conn: Connection, fanout: Any, limit: int) -> bool:
         )
     )
     return over
+
+
+def _reroute(
+    conn: Connection,
+    reroute: Reroute,
+    conditions: Sequence[Any],
+    *,
+    now: datetime,
+    reason: str | None = None,
+    after: tuple[int, int] = (0, 0),
+    limit: int | None = None,
+) -> tuple[int, int, tuple[int, int]]:
+    """Hand deliveries of `reroute.source` (those matching `conditions`) to its fallback:
+    for each whose subscriber is still subscribed to the source and subscribed, with an
+    address, to the fallback, a `fallback` delivery there (`target_id` = the original),
+    and the original `rerouted`, its last error naming the new delivery.
+
+    Left alone: what is not a post (a fallback delivery is never re-routed again, so
+    two channels naming each other cannot loop), an update published to the fallback
+    too (it reaches them there, if they are subscribed), a subscriber with a delivery of
+    the update on the fallback already (the delivery key would refuse a second), an
+    update with no render for the fallback (published before it was configured), a
+    cancelled update, and one a newer live update of the incident on either channel
+    supersedes. Candidates come in (seq, id) order after `after`, the
+    order of the queue's own index, so a caller paging through a long queue reads it
+    once. (moved, candidates read, the (seq, id) of the last one)."""
+    table = _DELIVERIES
+    taken = _DELIVERIES.alias("taken")
+    primary = SUBSCRIPTIONS.alias("primary")
+    fallback = SUBSCRIPTIONS.alias("fallback")
+    address = SUBSCRIBERS.c.phone if reroute.kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+    rendered = (
+        select(RENDERS.c.update_id)
+        .where(RENDERS.c.update_id == table.c.update_id, RENDERS.c.channel == reroute.fallback)
+        .correlate(table)
+        .exists()
+    )
+    there = (
+        select(taken.c.id)
+        .where(
+            taken.c.incident_id == table.c.incident_id,
+            taken.c.channel == reroute.fallback,
+            taken.c.recipient == table.c.recipient,
+            taken.c.update_id == table.c.update_id,
+        )
+        .correlate(table)
+        .exists()
+    )
+    query = (
+        select(
+            table.c.id,
+            table.c.update_id,
+            table.c.incident_id,
+            table.c.seq,
+            table.c.recipient,
+            table.c.language,
+            table.c.attempts,
+            table.c.next_attempt_at,
+            table.c.last_error,
+            UPDATES.c.created_at.label("update_created_at"),
+        )
+        .join(UPDATES, UPDATES.c.id == table.c.update_id)
+        .join(SUBSCRIBERS, SUBSCRIBERS.c.id == cast(table.c.recipient, Integer))
+        .join(
+            primary,
+            and_(
+                primary.c.subscriber_id == SUBSCRIBERS.c.id,
+                primary.c.channel == reroute.source,
+                primary.c.subscribed.is_(True),
+            ),
+        )
+        .join(
+            fallback,
+            and_(
+                fallback.c.subscriber_id == SUBSCRIBERS.c.id,
+                fallback.c.channel == reroute.fallback,
+                fallback.c.subscribed.is_(True),
+            ),
+        )
+        .where(
+            table.c.channel == reroute.source,
+            table.c.action == DeliveryAction.POST.value,
+            tuple_(table.c.seq, table.c.id) > tuple_(*after),
+            address.is_not(None),
+            UPDATES.c.cancelled_at.is_(None),
+            rendered,
+            ~there,
+            *conditions,
+        )
+        .order_by(table.c.seq, table.c.id)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    if conn.dialect.name == "postgresql":  # a claim in another transaction skips them
+        query = query.with_for_update(skip_locked=True, of=table)
+    rows = conn.execute(query).all()
+    if not rows:
+        return 0, 0, after
+    last = (rows[-1].seq, rows[-1].id)
+    # Nobody should receive "investigating" after "resolved", on either channel.
+    latest: dict[int, int] = {}
+    there_too: set[int] = set()
+    for update_id, incident_id, seq, channels in conn.execute(
+        select(UPDATES.c.id, UPDATES.c.incident_id, UPDATES.c.seq, UPDATES.c.channels).where(
+            UPDATES.c.incident_id.in_({r.incident_id for r in rows}),
+            UPDATES.c.cancelled_at.is_(None),
+        )
+    ):
+        if reroute.fallback in (channels or []):
+            there_too.add(update_id)
+        if {reroute.source, reroute.fallback} & set(channels or []):
+            latest[incident_id] = max(latest.get(incident_id, 0), seq)
+    current = [
+        r for r in rows if r.update_id not in there_too and latest.get(r.incident_id, 0) <= r.seq
+    ]
+    moved = 0
+    if current:
+        inserted = conn.execute(
+            _insert_new_deliveries(conn.dialect.name).returning(table.c.id, table.c.target_id),
+            [
+                {
+                    "update_id": r.update_id,
+                    "incident_id": r.incident_id,
+                    "seq": r.seq,
+                    "channel": reroute.fallback,
+                    "recipient": r.recipient,
+                    "language": r.language,
+                    "delivery_key": delivery_key(
+                        r.update_id, r.update_created_at, reroute.fallback, r.recipient
+                    ),
+                    "action": DeliveryAction.FALLBACK.value,
+                    "target_id": r.id,
+                    "state": DeliveryState.QUEUED.value,
+                    # Still inside their quiet hours: the fallback waits as long.
+                    "next_attempt_at": r.next_attempt_at if r.attempts == 0 else None,
+                    "created_at": now,
+                }
+                for r in current
+            ],
+        ).all()
+        by_original = {target: new for new, target in inserted}
+        moved_rows = [r for r in current if r.id in by_original]
+        moved = len(moved_rows)
+    if moved:
+        conn.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(
+                state=DeliveryState.REROUTED.value,
+                last_error=bindparam("b_error"),
+                lease_until=None,
+                next_attempt_at=None,
+                updated_at=now,
+            ),
+            [
+                {
+                    "b_id": r.id,
+                    "b_error": f"re-routed to {reroute.fallback} (delivery "
+                    f"#{by_original[r.id]}): {reason or r.last_error or 'not sent'}",
+                }
+                for r in moved_rows
+            ],
+        )
+        # An older update's fallback delivery still waiting is superseded by this one.
+        conn.execute(
+            update(table)
+            .where(
+                table.c.channel == reroute.fallback,
+                table.c.incident_id == bindparam("b_incident"),
+                table.c.recipient == bindparam("b_recipient"),
+                table.c.seq < bindparam("b_seq"),
+                table.c.state == DeliveryState.QUEUED.value,
+                table.c.action == DeliveryAction.FALLBACK.value,
+            )
+            .values(state=DeliveryState.SUPERSEDED.value, updated_at=now),
+            [
+                {"b_incident": r.incident_id, "b_recipient": r.recipient, "b_seq": r.seq}
+                for r in moved_rows
+            ],
+        )
+        per_update: dict[tuple[int, int], int] = {}
+        for r in moved_rows:
+            key = (r.incident_id, r.update_id)
+            per_update[key] = per_update.get(key, 0) + 1
+        conn.execute(
+            insert(AUDIT),
+            [
+                {
+                    "at": now,
+                    "actor": "dispatcher",
+                    "action": "reroute",
+                    "incident_id": incident_id,
+                    "update_id": update_id,
+                    "detail": {"from": reroute.source, "to": reroute.fallback, "deliveries": n},
+                }
+                for (incident_id, update_id), n in per_update.items()
+            ],
+        )
+    return moved, len(rows), last
 
 
 class DeliveryQueue:
@@ -323,7 +661,10 @@ class DeliveryQueue:
         now = utcnow()
         alike: dict[tuple[Any, ...], list[int]] = {}
         receipts: list[dict[str, Any]] = []
+        reroutes: dict[tuple[Reroute, DeliveryState], list[int]] = {}
         for o in outcomes:
+            if o.reroute is not None:
+                reroutes.setdefault((o.reroute, o.state), []).append(o.id)
             if o.has_receipt:
                 receipts.append(
                     {
@@ -359,15 +700,59 @@ class DeliveryQueue:
                 conn.execute(statement)
             if receipts:
                 conn.execute(_SETTLE_RECEIPT, receipts)
+            # In the same transaction: a delivery is failed (or queued) or re-routed,
+            # never both, and never lost between the two.
+            table = _DELIVERIES
+            for (reroute, state), ids in reroutes.items():
+                where = [table.c.id.in_(ids), table.c.state == state.value]
+                _reroute(conn, reroute, where, now=now)
 
         await self.store.write_connection(write)
 
-    async def advance_fanout(self, channel: str, limit: int) -> bool:
+    async def reroute_queued(self, reroute: Reroute, *, reason: str, batch: int = 2000) -> int:
+        """Hand the queued deliveries of a broken subscriber channel to its fallback (see
+        `_reroute`: those whose subscriber it can reach), a batch per transaction; how
+        many moved. The others stay queued for when the channel works again."""
+        moved, after = 0, (0, 0)
+        queued = [_DELIVERIES.c.state == DeliveryState.QUEUED.value]
+
+        def step(conn: Connection, after: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+            return _reroute(
+                conn, reroute, queued, now=utcnow(), reason=reason, after=after, limit=batch
+            )
+
+        while True:
+            done, looked, after = await self.store.write_connection(
+                functools.partial(step, after=after)
+            )
+            moved += done
+            if looked < batch:
+                return moved
+
+    async def advance_fanout(
+        self, channel: str, limit: int, *, quiet: QuietWindow | None = None
+    ) -> bool:
         """Turn the next batch of a channel's subscribers into deliveries of the oldest
         running fan-out, in one transaction with its cursor (a crash resumes after the
-        last batch). True while a fan-out of the channel is still running."""
+        last batch). True while a fan-out of the channel is still running. With `quiet`,
+        subscribers inside their quiet hours get non-critical updates at its end."""
+        _, running = await self.fanout_step(channel, limit, quiet=quiet)
+        return running
 
-        def write(conn: Connection) -> bool:
+    async def fanout_step(
+        self,
+        channel: str,
+        limit: int,
+        *,
+        quiet: QuietWindow | None = None,
+        reroute: Reroute | None = None,
+        reason: str | None = None,
+    ) -> tuple[bool, bool]:
+        """`advance_fanout`, saying also whether a batch was taken: (stepped, running).
+        With `reroute` (the channel is broken), the batch goes to its fallback where the
+        fallback reaches the subscriber, in the same transaction."""
+
+        def write(conn: Connection) -> tuple[bool, bool]:
             fanout = conn.execute(
                 select(FANOUTS)
                 .where(FANOUTS.c.channel == channel, FANOUTS.c.state == FANOUT_RUNNING)
@@ -375,17 +760,18 @@ class DeliveryQueue:
                 .limit(1)
             ).one_or_none()
             if fanout is None:
-                return False
-            done = _fanout_step(conn, fanout, limit)
+                return False, False
+            done = _fanout_step(
+                conn, fanout, limit, quiet=quiet, now=utcnow(), reroute=reroute, reason=reason
+            )
             if not done:
-                return True
-            return bool(
-                conn.scalar(
-                    select(func.count()).where(
-                        FANOUTS.c.channel == channel, FANOUTS.c.state == FANOUT_RUNNING
-                    )
+                return True, True
+            running = conn.scalar(
+                select(func.count()).where(
+                    FANOUTS.c.channel == channel, FANOUTS.c.state == FANOUT_RUNNING
                 )
             )
+            return True, bool(running)
 
         return await self.store.write_connection(write)
 
@@ -456,8 +842,12 @@ class DeliveryQueue:
         update_ids: Sequence[int] | None = None,
         except_channels: Sequence[str] = (),
     ) -> int:
-        """Deliveries still queued or sending (of these updates, outside these channels)."""
-        query = select(func.count()).where(DeliveryRow.state.in_(_PENDING))
+        """Deliveries still queued or sending (of these updates, outside these channels).
+
+        Deliveries held for quiet hours are not counted: like a broken channel's, they
+        go out later by themselves (a `serve`, or the next command that dispatches), and
+        a command publishing at night must not wait for the morning."""
+        query = select(func.count()).where(DeliveryRow.state.in_(_PENDING), _not_held(utcnow()))
         # A fan-out still creating deliveries counts as one pending.
         fanouts = select(func.count()).where(FANOUTS.c.state == FANOUT_RUNNING)
         if update_ids is not None:

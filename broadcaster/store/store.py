@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -147,6 +147,10 @@ class PublishPlan:
     alert_key: str | None = None
     release_draft: int | None = None  # a held draft this update publishes (it must be held)
     corrects: int | None = None  # the update this one corrects (see ChannelPlan.edits)
+    # Renders for fallback channels the update does not go to (ChannelConfig.fallback):
+    # stored for subscribers the dispatcher re-routes there; no deliveries, and not among
+    # the update's channels (they supersede nothing).
+    fallback_renders: dict[str, ChannelRender] = field(default_factory=dict)
     # Set by a process whose dispatcher is running: a *new* incident's deliveries (no
     # earlier post to wait for) are stored already claimed by it (`sending`, leased this
     # long) and listed in `claimed`, so they go out without a claim transaction.
@@ -611,12 +615,14 @@ class Store:
             .returning(UPDATES.c.id)
         ).scalar_one()
         stored.id = update_id
-        if plan.channels:
+        rendered = {name: cp.render for name, cp in plan.channels.items()}
+        rendered.update((n, r) for n, r in plan.fallback_renders.items() if n not in rendered)
+        if rendered:
             conn.execute(
                 insert(RENDERS),
                 [
-                    {"update_id": update_id, "channel": name, "render": cp.render.model_dump()}
-                    for name, cp in plan.channels.items()
+                    {"update_id": update_id, "channel": name, "render": render.model_dump()}
+                    for name, render in rendered.items()
                 ],
             )
         claim = plan.claim_lease_seconds is not None and plan.incident_id is None
@@ -1022,6 +1028,30 @@ class Store:
                 h.channel: h.broken_reason
                 for h in (await session.scalars(select(ChannelHealthRow))).all()
             }
+            # Held for quiet hours: queued, never tried, due later (only quiet hours make
+            # such a delivery; see queue._not_held).
+            held_rows = await session.execute(
+                select(
+                    DeliveryRow.channel,
+                    DeliveryRow.action,
+                    func.count(),
+                    func.max(DeliveryRow.next_attempt_at),
+                )
+                .where(
+                    *conditions,
+                    DeliveryRow.state == DeliveryState.QUEUED.value,
+                    DeliveryRow.attempts == 0,
+                    DeliveryRow.next_attempt_at > utcnow(),
+                )
+                .group_by(DeliveryRow.channel, DeliveryRow.action)
+            )
+            held: dict[tuple[str, str], tuple[int, datetime | None]] = {}
+            for name, action, count, until in held_rows:
+                if isinstance(until, str):  # SQLite may hand an aggregate back as text
+                    until = datetime.fromisoformat(until)
+                if until is not None and until.tzinfo is None:
+                    until = until.replace(tzinfo=UTC)
+                held[(name, action)] = (count, until)
             result = []
             # Posts first, then what changed them (edits, deletes), channel by channel.
             order = list(DeliveryAction)
@@ -1039,6 +1069,7 @@ class Store:
                         .limit(failures)
                     )
                 ).all()
+                waiting, until = held.get((name, action.value), (0, None))
                 result.append(
                     ChannelProgress(
                         channel=name,
@@ -1046,6 +1077,8 @@ class Store:
                         counts=by_channel[(name, action)],
                         failures=[delivery_model(r) for r in failed_rows],
                         broken=health.get(name),
+                        held=waiting,
+                        held_until=until,
                     )
                 )
             return result

@@ -29,11 +29,13 @@ __all__ = ["Reachable", "SubscriberStore", "fanout_batch"]
 
 @dataclass(frozen=True)
 class Reachable:
-    """A subscriber a fan-out delivers to: id, language, the components they follow."""
+    """A subscriber a fan-out delivers to: id, language, the components they follow, and
+    their time zone (None: the configured one) for quiet hours."""
 
     id: int
     language: str
     components: list[str] | None
+    timezone: str | None = None
 
     def follows(self, components: Collection[str]) -> bool:
         """True when the update touches a component they follow (or they follow all)."""
@@ -47,7 +49,12 @@ class Reachable:
 def fanout_batch(conn: Connection, channel: str, after: int, limit: int) -> list[Reachable]:
     """The next subscribed subscribers of a channel, by id, after `after`."""
     rows = conn.execute(
-        select(SUBSCRIBERS.c.id, SUBSCRIBERS.c.language, SUBSCRIBERS.c.components)
+        select(
+            SUBSCRIBERS.c.id,
+            SUBSCRIBERS.c.language,
+            SUBSCRIBERS.c.components,
+            SUBSCRIBERS.c.timezone,
+        )
         .join(SUBSCRIPTIONS, SUBSCRIPTIONS.c.subscriber_id == SUBSCRIBERS.c.id)
         .where(
             SUBSCRIPTIONS.c.channel == channel,
@@ -57,7 +64,10 @@ def fanout_batch(conn: Connection, channel: str, after: int, limit: int) -> list
         .order_by(SUBSCRIPTIONS.c.subscriber_id)
         .limit(limit)
     ).all()
-    return [Reachable(id=r.id, language=r.language, components=r.components) for r in rows]
+    return [
+        Reachable(id=r.id, language=r.language, components=r.components, timezone=r.timezone)
+        for r in rows
+    ]
 
 
 def _model(row: Any, channels: dict[str, bool]) -> Subscriber:
@@ -201,6 +211,13 @@ class SubscriberStore:
                 delete(SUBSCRIPTIONS).where(SUBSCRIPTIONS.c.subscriber_id == subscriber_id)
             )
             conn.execute(delete(SUBSCRIBERS).where(SUBSCRIBERS.c.id == subscriber_id))
+            # What they wrote to us (SMS replies forwarded to the team) goes with them.
+            conn.execute(
+                delete(AUDIT).where(
+                    AUDIT.c.action == "inbound.reply",
+                    AUDIT.c.detail["subscriber"].as_integer() == subscriber_id,
+                )
+            )
             if actor is not None:
                 _audit(conn, actor, "subscriber.erase", {"subscriber": subscriber_id})
             return erased

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -240,6 +241,37 @@ class FanoutRow(Base):
     created: Mapped[int] = mapped_column(default=0, doc="deliveries created so far")
 
 
+class PendingSubscriptionRow(Base):
+    """A sign-up from the public form waiting for its confirmation (an email's link, an
+    SMS code). Not a subscriber: fan-outs never read this table, so nothing is sent to
+    an address before its owner confirms. Kept until it expires, then deleted."""
+
+    __tablename__ = "pending_subscriptions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(32), doc="in its token: an id reused is not it")
+    kind: Mapped[str] = mapped_column(String(10), doc="phone or email")
+    address: Mapped[str] = mapped_column(String(320))
+    language: Mapped[str] = mapped_column(String(20))
+    components: Mapped[list[str] | None] = mapped_column(doc="NULL: every component")
+    code_hash: Mapped[str | None] = mapped_column(String(64), doc="SMS: keyed hash of the code")
+    attempts: Mapped[int] = mapped_column(default=0, doc="wrong codes entered")
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    confirmed_at: Mapped[datetime | None]
+
+
+class SelfServiceCountRow(Base):
+    """Confirmation messages sent per UTC day: per address (by keyed hash) and all SMS
+    codes together; in the store, so the caps hold across restarts and processes."""
+
+    __tablename__ = "self_service_counts"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    count: Mapped[int] = mapped_column(default=0)
+
+
 # The tables for Core statements on the hot paths (publish, claim, settle): no ORM
 # unit of work, which cost more than the SQL itself.
 DELIVERIES = cast(Table, DeliveryRow.__table__)
@@ -251,3 +283,5 @@ DRAFTS = cast(Table, DraftRow.__table__)
 SUBSCRIBERS = cast(Table, SubscriberRow.__table__)
 SUBSCRIPTIONS = cast(Table, SubscriptionRow.__table__)
 FANOUTS = cast(Table, FanoutRow.__table__)
+PENDING_SUBSCRIPTIONS = cast(Table, PendingSubscriptionRow.__table__)
+SELF_SERVICE_COUNTS = cast(Table, SelfServiceCountRow.__table__)
