@@ -262,6 +262,9 @@ async def test_email_double_opt_in_then_updates_carry_the_manage_link_and_one_cl
     b = await open_broadcaster(make_broadcaster, smtp, serve={"access_log": True})
     async with serving(b) as base:
         ana = visitor(visitors, base)
+        # The status page leads to the form, in the page's language.
+        _, status_page = await ana.get("/fr/")
+        assert "/subscribe?lang=fr" in status_page and "Recevoir les mises à jour" in status_page
         status, page = await ana.subscribe(ANA, language="fr", components=["api"])
         assert status == 200
         assert "Check your inbox" in text_of(page)
@@ -558,6 +561,8 @@ async def test_pages_are_absent_when_self_service_is_off(
         for path in ("/subscribe", "/manage/abc"):
             async with session.get(base + path) as response:
                 assert response.status == 404
+        async with session.get(base + "/") as response:
+            assert "/subscribe" not in await response.text()
 
 
 # -- manage ---------------------------------------------------------------------------------

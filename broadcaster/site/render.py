@@ -338,6 +338,7 @@ def _render_page(state: PublicState, language: str) -> bytes:
         "generated": loc.when(state.generated_at),
         "feed_href": _relative(here, feed_path(state, language)),
         "json_href": _relative(here, status_json_path(language)),
+        "subscribe_href": f"{state.subscribe_url}?lang={language}" if state.subscribe_url else None,
     }
     html = _environment().get_template("page.html").render(context)
     return html.encode("utf-8")

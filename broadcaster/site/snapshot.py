@@ -98,6 +98,11 @@ async def public_state(
         timezone=settings.timezone,
         generated_at=now,
         status_page_url=settings.status_page_url,
+        subscribe_url=(
+            f"{settings.serve.public_url.rstrip('/')}/subscribe"
+            if settings.subscribers.self_service and settings.serve.public_url
+            else None
+        ),
         components=[
             ComponentStatus(
                 name=name, display_name=settings.components.get(name, name), state=state

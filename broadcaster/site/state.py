@@ -165,6 +165,9 @@ class PublicState(BaseModel):
     timezone: TimeZoneName = "UTC"
     generated_at: UtcDatetime
     status_page_url: str | None = None
+    subscribe_url: str | None = Field(
+        default=None, description="the self-service subscribe form, when it is on"
+    )
     components: list[ComponentStatus] = Field(
         default_factory=list, description="the current state of every configured component"
     )
