@@ -15,10 +15,10 @@ from functools import cache
 from importlib.resources import files
 from typing import Any, Literal
 
-from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from broadcaster.site.form_strings import form_strings
+from broadcaster.site.render import site_environment
 from broadcaster.site.strings import language_name
 
 __all__ = [
@@ -55,18 +55,6 @@ CONTENT_SECURITY_POLICY = (
     "frame-ancestors 'none'; "
     "base-uri 'none'"
 )
-
-
-@cache
-def _environment() -> Environment:
-    return Environment(
-        loader=PackageLoader("broadcaster.site", "templates"),
-        autoescape=True,
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
 
 
 @dataclass(frozen=True)
@@ -186,5 +174,5 @@ def render_form_page(page: FormPage) -> bytes:
         # Only the subscribe form runs the proof of work.
         "script": Markup(_script()) if page.view == "subscribe" and page.bits > 0 else None,
     }
-    html = _environment().get_template("forms.html").render(context)
+    html = site_environment().get_template("forms.html").render(context)
     return html.encode("utf-8")

@@ -242,7 +242,8 @@ class _LanguageLink:
 
 
 @cache
-def _environment() -> Environment:
+def site_environment() -> Environment:
+    """The Jinja2 environment of the public side's templates (pages, forms, scripts)."""
     return Environment(
         loader=PackageLoader("broadcaster.site", "templates"),
         autoescape=True,
@@ -340,7 +341,7 @@ def _render_page(state: PublicState, language: str) -> bytes:
         "json_href": _relative(here, status_json_path(language)),
         "subscribe_href": f"{state.subscribe_url}?lang={language}" if state.subscribe_url else None,
     }
-    html = _environment().get_template("page.html").render(context)
+    html = site_environment().get_template("page.html").render(context)
     return html.encode("utf-8")
 
 
@@ -423,7 +424,7 @@ def _banner_js(state: PublicState) -> bytes:
         "default": state.default_language,
         "refresh": BANNER_REFRESH_SECONDS,
     }
-    return _environment().get_template("banner.js").render(config=config).encode("utf-8")
+    return site_environment().get_template("banner.js").render(config=config).encode("utf-8")
 
 
 # --- Atom --------------------------------------------------------------------------
