@@ -1,9 +1,10 @@
 """Fan-out to subscribers: one update to N subscribers by SMS (Twilio) and email (SMTP),
 against the local simulators, with a bare-SDK baseline measured in the same run.
 
-    .venv/bin/python bench/subscribers.py                  # N = 100,000 (a few minutes)
-    .venv/bin/python bench/subscribers.py --json           # last line: one JSON object
-    .venv/bin/python bench/subscribers.py --rss-only 1000000   # peak RSS of a 1M fan-out
+    .venv/bin/python bench/subscribers.py                     # N = 100,000 (~6 min, 2 cores)
+    .venv/bin/python bench/subscribers.py --json              # last line: one JSON object
+    .venv/bin/python bench/subscribers.py --profile           # + where the time goes
+    .venv/bin/python bench/subscribers.py --rss-only 1000000  # peak RSS of a 1M fan-out
 
 Every process has its own job, so CPU time and peak memory are each one's own:
 
@@ -20,17 +21,19 @@ Every process has its own job, so CPU time and peak memory are each one's own:
   one `publish()` of an update touching `api` to both channels and `wait([update_id])`
   until every delivery is settled: the dispatcher creates the deliveries from the store in
   batches (FANOUT_BATCH subscribers a transaction), claims, sends and settles them.
-- **bare SDK** (the baseline): the same recipients and texts, the same concurrency, one
+  `--rss-only N` runs this alone, and by default stops sending 60 s after the fan-out
+  has created every delivery (`--send-seconds 0`: send everything; 1M takes ~45 min).
+- **bare SDKs** (the baseline): the same recipients and texts, the same concurrency, one
   process: twilio-python's `messages.create_async` from 64 workers on one
   `AsyncTwilioHttpClient`, and aiosmtplib over 8 connections held open, each message
-  composed with `EmailMessage` (text + HTML) as the channel does.
+  composed with `EmailMessage` (text + HTML, the channel's headers) as the channel does.
 - **import**: `Audience.import_csv` of 10,000 CSV rows into a fresh store (rows/s).
 
 Verified: the store holds exactly one delivery per subscribed, following subscriber, every
 one `sent`; each simulator accepted exactly one message per expected recipient (count,
 no duplicate, and an order-free digest of the addresses), in the recipient's language;
-the baseline's sends all succeeded. Exit status 1 when a check fails; with `--strict`, 2
-when the 1M run's peak RSS is over 300 MB.
+the baseline's sends all succeeded. Exit status 1 when a check fails; with `--strict` and
+`--rss-only`, 2 when the peak RSS is 300 MB or more. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ class Tally:
         self.reset()
 
     def reset(self) -> None:
-        with getattr(self, "lock", contextlib.nullcontext()):
+        with self.lock:
             self.seen: set[str] = set()
             self.accepted = 0
             self.duplicates = 0
@@ -140,6 +143,8 @@ class Tally:
             self.connections: set[int] = set()
 
     def add(self, address: str, language: str, size: int, connection: int = 0) -> None:
+        """One message accepted. `language`: for SMS, the body itself (the orchestrator
+        maps each rendered text back to its language)."""
         with self.lock:
             self.accepted += 1
             self.bytes += size
