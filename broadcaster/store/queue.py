@@ -556,6 +556,19 @@ def _reroute(
     return moved, len(rows), last
 
 
+def _pending(update_ids: Sequence[int] | None, except_channels: Sequence[str]) -> tuple[Any, Any]:
+    """The pending deliveries (not held for quiet hours) and running fan-outs, as selects."""
+    deliveries = select(DeliveryRow.id).where(DeliveryRow.state.in_(_PENDING), _not_held(utcnow()))
+    fanouts = select(FANOUTS.c.update_id).where(FANOUTS.c.state == FANOUT_RUNNING)
+    if update_ids is not None:
+        deliveries = deliveries.where(DeliveryRow.update_id.in_(update_ids))
+        fanouts = fanouts.where(FANOUTS.c.update_id.in_(update_ids))
+    if except_channels:
+        deliveries = deliveries.where(DeliveryRow.channel.not_in(except_channels))
+        fanouts = fanouts.where(FANOUTS.c.channel.not_in(except_channels))
+    return deliveries, fanouts
+
+
 class DeliveryQueue:
     """Queue operations over the store's deliveries."""
 
@@ -842,22 +855,34 @@ class DeliveryQueue:
         update_ids: Sequence[int] | None = None,
         except_channels: Sequence[str] = (),
     ) -> int:
-        """Deliveries still queued or sending (of these updates, outside these channels).
+        """Deliveries still queued or sending (of these updates, outside these channels),
+        plus one per fan-out still creating deliveries.
 
         Deliveries held for quiet hours are not counted: like a broken channel's, they
         go out later by themselves (a `serve`, or the next command that dispatches), and
         a command publishing at night must not wait for the morning."""
-        query = select(func.count()).where(DeliveryRow.state.in_(_PENDING), _not_held(utcnow()))
-        # A fan-out still creating deliveries counts as one pending.
-        fanouts = select(func.count()).where(FANOUTS.c.state == FANOUT_RUNNING)
-        if update_ids is not None:
-            query = query.where(DeliveryRow.update_id.in_(update_ids))
-            fanouts = fanouts.where(FANOUTS.c.update_id.in_(update_ids))
-        if except_channels:
-            query = query.where(DeliveryRow.channel.not_in(except_channels))
-            fanouts = fanouts.where(FANOUTS.c.channel.not_in(except_channels))
+        deliveries, fanouts = _pending(update_ids, except_channels)
         async with self.store.sessions() as session:
-            return int(await session.scalar(query) or 0) + int(await session.scalar(fanouts) or 0)
+            counted = [
+                await session.scalar(select(func.count()).select_from(q.subquery()))
+                for q in (deliveries, fanouts)
+            ]
+        return sum(int(c or 0) for c in counted)
+
+    async def any_pending(
+        self,
+        *,
+        update_ids: Sequence[int] | None = None,
+        except_channels: Sequence[str] = (),
+    ) -> bool:
+        """Whether anything `pending_count` counts exists: an EXISTS, cheap even with a
+        million deliveries queued (`wait` asks on every tick)."""
+        deliveries, fanouts = _pending(update_ids, except_channels)
+        async with self.store.sessions() as session:
+            for query in (deliveries, fanouts):
+                if await session.scalar(select(query.exists())):
+                    return True
+        return False
 
     # -- leases -------------------------------------------------------------------
 
