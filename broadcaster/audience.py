@@ -10,7 +10,6 @@ from typing import Any
 
 from broadcaster.errors import BroadcasterError, NotFoundError
 from broadcaster.models import (
-    AddressKind,
     ChannelRender,
     Delivery,
     ImportReport,
@@ -43,7 +42,8 @@ class Audience:
     ) -> None:
         self.store = store
         self.rows = SubscriberStore(store)
-        self.kinds = {n: c.address_kind for n, c in channels.items() if c.address_kind}
+        self.channels = {n: c for n, c in channels.items() if c.address_kind}
+        self.kinds = {n: c.address_kind for n, c in self.channels.items() if c.address_kind}
         self.components = components
         self.default_region = default_region
 
@@ -69,25 +69,26 @@ class Audience:
                 raise InvalidSubscriberError(f"channel '{name}' needs a {kind}, and none is given")
         return list(new.channels)
 
-    def _check(self, new: NewSubscriber) -> tuple[Address, list[str]]:
+    async def _check(self, new: NewSubscriber) -> tuple[Address, list[str]]:
         address = normalise(new, self.default_region)
         unknown = [c for c in new.components or () if self.components and c not in self.components]
         if unknown:
             raise InvalidSubscriberError(
                 f"unknown component '{unknown[0]}' — configured: {', '.join(self.components)}"
             )
-        return address, self._channels_for(new, address)
+        channels = self._channels_for(new, address)
+        for name in channels:  # each channel may refuse an address (a private webhook URL)
+            reached = address.of(self.kinds[name])
+            if reached is not None:
+                await self.channels[name].check_address(reached)
+        return address, channels
 
     async def add(self, new: NewSubscriber, *, source: str, actor: str | None = None) -> Subscriber:
         """Validate and store one subscriber (an address seen before is an error)."""
-        address, channels = self._check(new)
+        address, channels = await self._check(new)
         subscriber, _ = await self.rows.add(new, address, channels, source=source, actor=actor)
         log.info(
-            "subscriber #%d added (%s, %s) to %s",
-            subscriber.id,
-            mask(address.phone),
-            mask(address.email),
-            ", ".join(channels),
+            "subscriber #%d added (%s) to %s", subscriber.id, address.masked(), ", ".join(channels)
         )
         return subscriber
 
@@ -120,7 +121,7 @@ class Audience:
                 report.rejected.append(RejectedRow(line=line, reason=row))
                 continue
             try:
-                address, channels = self._check(row)
+                address, channels = await self._check(row)
             except BroadcasterError as exc:
                 report.rejected.append(RejectedRow(line=line, reason=str(exc)))
                 continue
@@ -206,7 +207,7 @@ class Audience:
             )
         if subscribed:
             subscriber = await self.rows.get(subscriber_id)
-            if not (subscriber.phone if kind is AddressKind.PHONE else subscriber.email):
+            if not subscriber.address(kind):
                 raise InvalidSubscriberError(
                     f"subscriber #{subscriber_id} has no {kind.value}: channel '{channel}' "
                     "cannot reach them"

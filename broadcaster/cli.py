@@ -711,9 +711,11 @@ SubscriberId = Annotated[int, typer.Argument(metavar="ID", help="Subscriber numb
 
 def _addresses(subscriber: Subscriber) -> str:
     """A subscriber's addresses as a person may see them in passing: masked."""
+    from broadcaster.models import AddressKind
     from broadcaster.subscribers import mask
 
-    return ", ".join(mask(a) for a in (subscriber.phone, subscriber.email) if a)
+    given = (subscriber.address(kind) for kind in AddressKind)
+    return ", ".join(mask(a) for a in given if a)
 
 
 @subscribers_app.command("add")

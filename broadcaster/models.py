@@ -411,6 +411,13 @@ class AddressKind(StrEnum):
 
     PHONE = "phone"  # E.164
     EMAIL = "email"
+    TELEGRAM = "telegram"  # a Telegram user's private chat id
+    WEBHOOK = "webhook"  # an https URL the subscriber registered
+
+    @property
+    def field(self) -> str:
+        """The subscriber's field (and store column) holding this kind of address."""
+        return "webhook_url" if self is AddressKind.WEBHOOK else self.value
 
 
 class NewSubscriber(BaseModel):
@@ -420,6 +427,12 @@ class NewSubscriber(BaseModel):
 
     phone: str | None = Field(default=None, description="any format; stored as E.164")
     email: str | None = None
+    telegram: str | None = Field(
+        default=None, description="a Telegram user id (their bot chat), set by /subscribe"
+    )
+    webhook_url: str | None = Field(
+        default=None, description="an https URL that receives each update, signed"
+    )
     language: str = Field(default="en", min_length=2, max_length=20)
     components: list[str] | None = Field(default=None, description="None: every component")
     timezone: TimeZoneName | None = None
@@ -436,11 +449,18 @@ class Subscriber(BaseModel):
     id: int
     phone: str | None
     email: str | None
+    telegram: str | None = None
+    webhook_url: str | None = None
     language: str
     components: list[str] | None
     timezone: str | None
     channels: dict[str, bool] = Field(description="channel -> subscribed (False: opted out)")
     created_at: datetime
+
+    def address(self, kind: AddressKind) -> str | None:
+        """Their address of this kind, if they gave one."""
+        value: str | None = getattr(self, kind.field)
+        return value
 
 
 class RejectedRow(BaseModel):

@@ -39,9 +39,17 @@ class Address:
 
     phone: str | None
     email: str | None
+    telegram: str | None = None
+    webhook_url: str | None = None
 
     def of(self, kind: AddressKind) -> str | None:
-        return self.phone if kind is AddressKind.PHONE else self.email
+        value: str | None = getattr(self, kind.field)
+        return value
+
+    def masked(self) -> str:
+        """Every address they have, as logs may show it."""
+        given = [self.of(kind) for kind in AddressKind]
+        return ", ".join(mask(a) for a in given if a) or "-"
 
 
 def normalise_phone(raw: str, region: str | None) -> str:
@@ -68,19 +76,39 @@ def normalise_email(raw: str) -> str:
         raise InvalidSubscriberError(f"email '{raw}' is not valid: {exc}") from None
 
 
+def normalise_telegram(raw: str) -> str:
+    """A Telegram user id (a private chat with the bot), or InvalidSubscriberError."""
+    value = raw.strip()
+    if not value.isdigit() or len(value) > 20:
+        raise InvalidSubscriberError(f"telegram '{raw}' is not a Telegram user id")
+    return value
+
+
 def normalise(new: NewSubscriber, region: str | None) -> Address:
-    """Both addresses normalised; at least one is required."""
-    phone = normalise_phone(new.phone, region) if new.phone else None
-    email = normalise_email(new.email) if new.email else None
-    if phone is None and email is None:
-        raise InvalidSubscriberError("a subscriber needs a phone number or an email")
-    return Address(phone=phone, email=email)
+    """Every address given, normalised; at least one is required. A webhook URL is only
+    checked for its form here (see `broadcaster.safe_url` for where it points)."""
+    from broadcaster.safe_url import normalise_url
+
+    address = Address(
+        phone=normalise_phone(new.phone, region) if new.phone else None,
+        email=normalise_email(new.email) if new.email else None,
+        telegram=normalise_telegram(new.telegram) if new.telegram else None,
+        webhook_url=normalise_url(new.webhook_url) if new.webhook_url else None,
+    )
+    if not any(address.of(kind) for kind in AddressKind):
+        raise InvalidSubscriberError(
+            "a subscriber needs a phone number, an email, a Telegram id or a webhook URL"
+        )
+    return address
 
 
 def mask(address: str | None) -> str:
     """An address as logs may show it: +336•••••78, j•••@example.com."""
     if not address:
         return "-"
+    if "://" in address:  # a webhook URL: its path and query may carry a token
+        scheme, _, rest = address.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0].rsplit('@', 1)[-1]}/•••"
     if "@" in address:
         local, _, domain = address.partition("@")
         return f"{local[:1]}•••@{domain}"

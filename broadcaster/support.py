@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict
 
 from broadcaster.errors import BroadcasterError, ConfigError, DeliveryError, NotFoundError
 from broadcaster.models import (
-    AddressKind,
     ChannelFamily,
     ChannelRender,
     DeliveryState,
@@ -224,12 +223,12 @@ class StoreSupportDesk:
         """(id, language) of whoever has this address on a subscriber channel."""
         from sqlalchemy import select
 
-        from broadcaster.store.tables import SUBSCRIBERS
+        from broadcaster.store.tables import SUBSCRIBERS, address_column
 
         kind = self.broadcaster.audience.kinds.get(channel)
         if kind is None or not address:
             return None
-        column = SUBSCRIBERS.c.phone if kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+        column = address_column(kind)
 
         def read(session: Session) -> tuple[int, str] | None:
             row = session.execute(

@@ -199,8 +199,9 @@ class Channel(ABC):
     default_concurrency: ClassVar[int] = 8
     config_model: ClassVar[type[ChannelConfig]] = ChannelConfig
     # A subscriber channel (SMS, email) delivers to each subscribed subscriber's address
-    # of this kind, fanned out from the store in batches; None: its own audience.
-    address_kind: ClassVar[AddressKind | None] = None
+    # of this kind, fanned out from the store in batches; None: its own audience. An
+    # adapter whose instances can be either (Telegram, webhooks) sets it per instance.
+    address_kind: AddressKind | None = None
 
     def __init__(self, name: str, config: ChannelConfig, context: ChannelContext) -> None:
         self.name = name
@@ -249,6 +250,10 @@ class Channel(ABC):
     def secret(self, ref: SecretRef) -> SecretStr | None:
         """Resolve one of this channel's secrets (files relative to the config's folder)."""
         return ref.resolve(self.context.base_dir)
+
+    async def check_address(self, address: str) -> None:  # noqa: B027 - optional hook
+        """Refuse (InvalidSubscriberError) a subscriber's normalised address that this
+        channel must not deliver to; asked when a subscriber is added or changed."""
 
     def inbound(self) -> InboundEndpoint | None:
         """A new inbound endpoint when this instance's config turns one on; None if not."""

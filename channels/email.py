@@ -361,7 +361,7 @@ class EmailChannel(Channel):
     """Email each subscriber over SMTP, in their language, threaded per incident."""
 
     family: ClassVar[ChannelFamily] = ChannelFamily.LONG
-    address_kind: ClassVar[AddressKind | None] = AddressKind.EMAIL
+    address_kind: AddressKind | None = AddressKind.EMAIL
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_subject_chars=SUBJECT_MAX_CHARS)
     # No edits or deletes: a sent email stays sent; a correction goes out as a follow-up.
     capabilities: ClassVar[Capabilities] = Capabilities(

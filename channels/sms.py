@@ -410,7 +410,7 @@ class SmsChannel(Channel):
     default_rate_limit: ClassVar[RateLimit] = LONG_CODE_RATE
     default_concurrency: ClassVar[int] = 8
     config_model: ClassVar[type[ChannelConfig]] = SmsConfig
-    address_kind: ClassVar[AddressKind | None] = AddressKind.PHONE
+    address_kind: AddressKind | None = AddressKind.PHONE
     request_timeout_seconds: ClassVar[float] = 10.0
 
     config: SmsConfig

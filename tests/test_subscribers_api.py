@@ -110,7 +110,7 @@ async def test_add_normalises_and_refuses_precisely(api: Api) -> None:
         ({"email": "b@example.com", "components": ["billing"]}, 422, "unknown component"),
         ({"email": "b@example.com", "channels": ["sms"]}, 422, "'sms' is not a subscriber"),
         ({"phone": "+33698765432"}, 422, "no subscriber channel can reach them"),
-        ({"language": "en"}, 422, "needs a phone number or an email"),
+        ({"language": "en"}, 422, "needs a phone number, an email, a Telegram id or a webhook"),
     ]
     for body, expected, words in refusals:
         status, answer = await api.comms.call("POST", "/v1/subscribers", body)
@@ -135,7 +135,7 @@ async def test_csv_import_reports_each_refused_row_and_opt_outs_stand(
     assert "email 'not-an-email'" in reasons[4]
     assert "unknown component 'billing'" in reasons[5]
     assert "'sms' is not a subscriber channel" in reasons[6]
-    assert "needs a phone number or an email" in reasons[7]
+    assert "needs a phone number, an email" in reasons[7]
     _, everyone = await api.comms.call("GET", "/v1/subscribers")
     assert [(s["email"], s["language"]) for s in everyone] == [
         ("alice@example.com", "fr"),

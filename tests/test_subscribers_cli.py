@@ -64,7 +64,7 @@ def test_add_shows_addresses_masked_and_refuses_in_one_line(cli: Cli) -> None:
         cli("subscribers", "add", "--email", "bob@example.com", "--timezone", "Mars/Base"),
         "--timezone",
     )
-    assert_one_line_error(cli("subscribers", "add"), "needs a phone number or an email")
+    assert_one_line_error(cli("subscribers", "add"), "needs a phone number, an email")
     assert [s["id"] for s in cli.json("subscribers", "list")] == [1]
 
 
@@ -75,7 +75,7 @@ def test_import_reports_rejected_rows_and_exits_zero(cli: Cli, people_csv: Path)
     assert sorted(k for k in table if k.isdigit()) == ["3", "4", "5", "6", "7"]
     assert "is not a" in table["3"] and "not-an-email" in table["4"]
     assert "unknown component 'billing'" in table["5"] and "'sms'" in table["6"]
-    assert "needs a phone number or an email" in table["7"]
+    assert "needs a phone number, an email" in table["7"]
 
     cli.ok("subscribers", "opt-out", "1", "email")
     again = cli.json("subscribers", "import", str(people_csv))

@@ -54,6 +54,7 @@ from broadcaster.store.tables import (
     DeliveryRow,
     LeaseRow,
     UtcDateTime,
+    address_column,
     utcnow,
 )
 
@@ -385,7 +386,7 @@ def _reroute(
     taken = _DELIVERIES.alias("taken")
     primary = SUBSCRIPTIONS.alias("primary")
     fallback = SUBSCRIPTIONS.alias("fallback")
-    address = SUBSCRIBERS.c.phone if reroute.kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+    address = address_column(reroute.kind)
     rendered = (
         select(RENDERS.c.update_id)
         .where(RENDERS.c.update_id == table.c.update_id, RENDERS.c.channel == reroute.fallback)

@@ -27,6 +27,7 @@ from broadcaster.store.tables import (
     PENDING_SUBSCRIPTIONS,
     SELF_SERVICE_COUNTS,
     SUBSCRIBERS,
+    address_column,
     utcnow,
 )
 
@@ -222,7 +223,7 @@ class SelfServiceStore:
             if row is None:
                 return Confirmation("missing")
             kind, language = AddressKind(row.kind), row.language
-            column = SUBSCRIBERS.c.phone if kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+            column = address_column(kind)
             if row.confirmed_at is not None:
                 found = conn.scalar(select(SUBSCRIBERS.c.id).where(column == row.address))
                 return Confirmation("used", subscriber_id=found, kind=kind, language=language)

@@ -20,6 +20,7 @@ from broadcaster.store.tables import (
     DELIVERIES,
     SUBSCRIBERS,
     SUBSCRIPTIONS,
+    address_column,
     utcnow,
 )
 from broadcaster.subscribers import Address
@@ -75,6 +76,8 @@ def _model(row: Any, channels: dict[str, bool]) -> Subscriber:
         id=row.id,
         phone=row.phone,
         email=row.email,
+        telegram=row.telegram,
+        webhook_url=row.webhook_url,
         language=row.language,
         components=row.components,
         timezone=row.timezone,
@@ -235,7 +238,7 @@ class SubscriberStore:
     ) -> int | None:
         """Opt the subscriber with this address in or out of a channel (STOP/START,
         unsubscribe links); their id, or None when nobody has that address."""
-        column = SUBSCRIBERS.c.phone if kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+        column = address_column(kind)
 
         def change(session: Session) -> int | None:
             conn = session.connection()
@@ -285,7 +288,7 @@ class SubscriberStore:
         self, channel: str, kind: AddressKind, subscriber_ids: Collection[int]
     ) -> dict[int, str]:
         """The address of each of these subscribers still subscribed to the channel."""
-        column = SUBSCRIBERS.c.phone if kind is AddressKind.PHONE else SUBSCRIBERS.c.email
+        column = address_column(kind)
         if not subscriber_ids:
             return {}
         async with self.store.engine.connect() as conn:  # a read: no write lock
@@ -315,22 +318,18 @@ def _store(
 ) -> tuple[int, bool]:
     """Insert the subscriber (or, with `replace`, update the one with that address) and
     subscribe them to the channels they have no say about yet; (id, created)."""
+    given = {kind: address.of(kind) for kind in AddressKind if address.of(kind)}
     values = {
-        "phone": address.phone,
-        "email": address.email,
+        **{kind.field: value for kind, value in given.items()},
         "language": new.language,
         "components": new.components,
         "timezone": new.timezone,
     }
-    same = []
-    if address.phone:
-        same.append(SUBSCRIBERS.c.phone == address.phone)
-    if address.email:
-        same.append(SUBSCRIBERS.c.email == address.email)
+    same = [address_column(kind) == value for kind, value in given.items()]
     existing = conn.execute(select(SUBSCRIBERS.c.id).where(or_(*same))).all()
     if len(existing) > 1:
         raise BroadcasterError(
-            "the phone and the email belong to two different subscribers "
+            "the addresses given belong to two different subscribers "
             f"(#{existing[0].id}, #{existing[1].id})"
         )
     if existing and not replace:

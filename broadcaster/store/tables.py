@@ -7,6 +7,7 @@ from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
+    Column,
     Date,
     DateTime,
     ForeignKey,
@@ -16,9 +17,12 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from broadcaster.models import AddressKind
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -202,10 +206,16 @@ class SubscriberRow(Base):
     subscriber by id, so erasing this row erases them."""
 
     __tablename__ = "subscribers"
+    __table_args__ = (
+        UniqueConstraint("telegram", name="uq_subscribers_telegram"),
+        UniqueConstraint("webhook_url", name="uq_subscribers_webhook_url"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     phone: Mapped[str | None] = mapped_column(String(20), unique=True, doc="E.164")
     email: Mapped[str | None] = mapped_column(String(320), unique=True)
+    telegram: Mapped[str | None] = mapped_column(String(32), doc="user id")
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
     language: Mapped[str] = mapped_column(String(20))
     components: Mapped[list[str] | None] = mapped_column(doc="NULL: every component")
     timezone: Mapped[str | None] = mapped_column(String(64))
@@ -285,3 +295,8 @@ SUBSCRIPTIONS = cast(Table, SubscriptionRow.__table__)
 FANOUTS = cast(Table, FanoutRow.__table__)
 PENDING_SUBSCRIPTIONS = cast(Table, PendingSubscriptionRow.__table__)
 SELF_SERVICE_COUNTS = cast(Table, SelfServiceCountRow.__table__)
+
+
+def address_column(kind: AddressKind) -> Column[Any]:
+    """The subscribers' column holding addresses of this kind."""
+    return SUBSCRIBERS.c[kind.field]
