@@ -123,9 +123,7 @@ async def check_url(url: str, policy: UrlPolicy) -> None:
         addresses = [host]
     else:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, 443, type=socket.SOCK_STREAM
-            )
+            infos = await asyncio.get_running_loop().getaddrinfo(host, 443, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError):
             raise UnsafeUrlError(f"webhook URL: host '{host}' does not resolve") from None
         addresses = sorted({str(info[4][0]) for info in infos})
