@@ -356,10 +356,15 @@ class StoreSupportDesk:
     async def record_receipt(
         self, channel: str, provider_id: str, state: DeliveryState, error: str | None
     ) -> bool:
+        from broadcaster.dispatch.dispatcher import fallbacks_of
+
+        # A late "failed"/"undelivered" re-routes to the fallback, as a failed send does.
+        reroute = fallbacks_of(self.broadcaster.channels).get(channel)
+        queue = self.broadcaster.queue
         delay = 0.1
         deadline = asyncio.get_running_loop().time() + RECEIPT_WAIT_SECONDS
         while True:
-            if await self.broadcaster.queue.record_receipt(channel, provider_id, state, error):
+            if await queue.record_receipt(channel, provider_id, state, error, reroute=reroute):
                 return True
             if asyncio.get_running_loop().time() + delay > deadline:
                 return False

@@ -51,7 +51,8 @@ from broadcaster.subscribers import Address
 from broadcaster.views import progress_table
 from tests.conftest import MakeBroadcaster
 from tests.test_channel_email import email_channel, parts
-from tests.test_channel_sms import ACCOUNT, SENDER, TOKEN, api_down, sms_channel
+from tests.test_channel_sms import ACCOUNT, SENDER, TOKEN, api_down, serving, sms_channel, until
+from tests.test_serve import BANNER, free_port
 
 ANNE, BOB, CARLA, DIETER, EVE, FRANK, KEN = (
     "+33612345678",
@@ -231,6 +232,56 @@ async def test_a_permanent_sms_failure_sends_the_update_by_email_in_their_langua
     await asyncio.wait_for(b.wait([resolved.update.id]), timeout=20)
     first, second = smtp.to("bob@example.com")
     assert second.message["In-Reply-To"] == first.message["Message-ID"]
+
+
+async def test_an_sms_the_carrier_reports_undelivered_later_goes_out_by_email(
+    twilio: FakeTwilio, smtp: FakeSmtp, make_broadcaster: MakeBroadcaster
+) -> None:
+    port = free_port()
+    channels = {
+        "sms": sms_channel(twilio, fallback="email"),
+        "email": email_channel(smtp),
+        "status-page": BANNER,
+    }
+    serve = {"public_url": f"http://127.0.0.1:{port}"}
+    b = await make_broadcaster(channels, components=COMPONENTS, serve=serve)
+    anne = await person(b, phone=ANNE, email="anne@example.com", language="fr")
+    await person(b, phone=BOB, email="bob@example.com")
+    async with serving(b, port):
+        result, progress = await publish_and_wait(b, on(["sms"]))
+        assert counts(progress, "sms") == {DeliveryState.SENT: 2}
+        (to_anne,) = twilio.messages_to(ANNE)
+        (to_bob,) = twilio.messages_to(BOB)
+
+        # Minutes later the carrier gives up on Anne's SMS; Bob's arrives.
+        assert await twilio.send_status_callbacks("undelivered", 30007, sids=[to_anne.sid]) == [200]
+        assert await twilio.send_status_callbacks("delivered", sids=[to_bob.sid]) == [200]
+
+        async def mailed() -> list[Any]:
+            return smtp.to("anne@example.com")
+
+        (mail,) = await until(mailed, timeout=10)
+        assert mail.message["Content-Language"] == "fr"
+        progress = await asyncio.wait_for(b.wait([result.update.id]), timeout=20)
+        assert counts(progress, "sms") == {
+            DeliveryState.REROUTED: 1,
+            DeliveryState.DELIVERED: 1,
+        }
+        assert counts(progress, "email", DeliveryAction.FALLBACK) == {DeliveryState.SENT: 1}
+        (sms,) = [
+            d
+            for d in await b.deliveries(result.incident.id)
+            if d.recipient == str(anne) and d.channel == "sms"
+        ]
+        assert sms.state is DeliveryState.REROUTED
+        assert sms.last_error is not None
+        assert sms.last_error.endswith(": Twilio error 30007: message filtered by the carrier")
+
+        # Twilio repeats itself ("failed" after "undelivered"): nothing more is sent.
+        assert await twilio.send_status_callbacks("failed", 30007, sids=[to_anne.sid]) == [200]
+        await asyncio.sleep(0.3)
+    assert len(smtp.to("anne@example.com")) == 1
+    assert smtp.to("bob@example.com") == []
 
 
 async def test_the_dry_run_shows_the_fallback_text_and_its_checks(

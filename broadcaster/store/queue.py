@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from broadcaster.models import (
+    FAILED_STATES,
     PENDING_STATES,
     SUCCESS_STATES,
     AddressKind,
@@ -790,30 +791,37 @@ class DeliveryQueue:
         return await self.store.write_connection(write)
 
     async def record_receipt(
-        self, channel: str, provider_id: str, state: DeliveryState, error: str | None
+        self,
+        channel: str,
+        provider_id: str,
+        state: DeliveryState,
+        error: str | None,
+        *,
+        reroute: Reroute | None = None,
     ) -> bool:
         """A provider's delivery receipt for the delivery it knows by `provider_id`:
         `delivered`, `undelivered` or `failed` moves a `sent` delivery on; `sent` (the
         provider handed it on) changes nothing. Receipts may come out of order, so a
-        delivery is never moved back. False when no delivery has that id (yet: a receipt
-        can beat the dispatcher's own record of the send)."""
+        delivery is never moved back. With `reroute`, a delivery the receipt says failed
+        or was undelivered goes to the fallback in the same transaction (see `_reroute`).
+        False when no delivery has that id (yet: a receipt can beat the dispatcher's own
+        record of the send)."""
         table = _DELIVERIES
         now = utcnow()
         values: dict[str, Any] = {"state": state.value, "updated_at": now}
         if error is not None:
             values["last_error"] = error
+        this = [table.c.channel == channel, table.c.provider_id == provider_id]
 
         def write(conn: Connection) -> bool:
             if state is not DeliveryState.SENT:
                 changed = conn.execute(
                     update(table)
-                    .where(
-                        table.c.channel == channel,
-                        table.c.provider_id == provider_id,
-                        table.c.state == DeliveryState.SENT.value,
-                    )
+                    .where(*this, table.c.state == DeliveryState.SENT.value)
                     .values(values)
                 ).rowcount
+                if changed and reroute is not None and state in FAILED_STATES:
+                    _reroute(conn, reroute, [*this, table.c.state == state.value], now=now)
                 if changed:
                     return True
             known = conn.scalar(
