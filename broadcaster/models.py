@@ -388,6 +388,11 @@ class Delivery(BaseModel):
     language: str | None
     delivery_key: str
     action: DeliveryAction = DeliveryAction.POST
+    target_id: int | None = Field(
+        default=None,
+        description="the delivery this one acts on: the post an edit or delete changes, "
+        "the delivery a fallback re-routes",
+    )
     state: DeliveryState
     attempts: int
     next_attempt_at: datetime | None

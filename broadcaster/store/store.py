@@ -318,6 +318,7 @@ def delivery_model(row: DeliveryRow) -> Delivery:
         language=row.language,
         delivery_key=row.delivery_key,
         action=DeliveryAction(row.action),
+        target_id=row.target_id,
         state=DeliveryState(row.state),
         attempts=row.attempts,
         next_attempt_at=row.next_attempt_at,
