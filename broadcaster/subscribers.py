@@ -18,6 +18,7 @@ __all__ = [
     "CSV_COLUMNS",
     "Address",
     "InvalidSubscriberError",
+    "check_csv",
     "mask",
     "normalise_email",
     "normalise_phone",
@@ -123,6 +124,19 @@ def _split(value: str | None) -> list[str] | None:
 def _not_csv(lines_read: int, exc: csv.Error) -> InvalidSubscriberError:
     # The csv module fails on the line after the last one it finished reading.
     return InvalidSubscriberError(f"line {lines_read + 1}: not CSV: {exc}")
+
+
+def check_csv(lines: Iterable[str]) -> None:
+    """InvalidSubscriberError when some row of the text cannot be read as CSV (a NUL
+    byte, a field past the csv module's limit): a first pass, so that such a file is
+    refused before any of its rows is stored."""
+    reader = csv.reader(lines)
+    finished = 0  # lines read by the last row the csv module returned
+    try:
+        for _ in reader:
+            finished = reader.line_num
+    except csv.Error as exc:
+        raise _not_csv(finished, exc) from None
 
 
 def read_csv(lines: Iterable[str]) -> Iterator[tuple[int, NewSubscriber | str]]:

@@ -171,6 +171,7 @@ async def test_an_import_that_is_not_csv_is_refused_whole(
     huge = "email\nalice@example.com\n" + "x" * 200_000 + "@example.com\n"
     status, body = await api.import_csv(huge)  # a field the csv module will not read
     assert status == 422 and "line 3: not CSV: field larger than field limit" in body["detail"]
+    assert await api.b.subscribers() == []  # not even Alice, on the line before it
     status, body = await api.import_csv("email\nalice@example.com\n".encode("utf-16"))
     assert status == 400 and "UTF-8" in body["detail"]
     status, _ = await api.import_csv("\ufeffEmail\nalice@example.com\n")  # Excel's CSV UTF-8
