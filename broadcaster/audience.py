@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from broadcaster.errors import BroadcasterError, NotFoundError
@@ -20,7 +20,14 @@ from broadcaster.models import (
 )
 from broadcaster.store import Store
 from broadcaster.store.subscribers import SubscriberStore
-from broadcaster.subscribers import Address, InvalidSubscriberError, mask, normalise, read_csv
+from broadcaster.subscribers import (
+    Address,
+    InvalidSubscriberError,
+    check_csv,
+    mask,
+    normalise,
+    read_csv,
+)
 from channels.base import Channel
 
 __all__ = ["Audience"]
@@ -93,15 +100,20 @@ class Audience:
         return subscriber
 
     async def import_csv(
-        self, lines: str | Iterable[str], *, source: str = "csv", actor: str | None = None
+        self, text: str, *, source: str = "csv", actor: str | None = None
     ) -> ImportReport:
         """Add or update every valid row; each refused row is reported with its reason.
         A subscriber who opted out stays opted out. Text that is not CSV, or a wrong
-        header, raises InvalidSubscriberError before any row is stored."""
-        if isinstance(lines, str):
-            # newline="": quoted fields keep their line breaks, as the csv module wants;
-            # a spreadsheet's byte-order mark is not part of the first column's name.
-            lines = io.StringIO(lines.removeprefix("\ufeff"), newline="")
+        header, raises InvalidSubscriberError before any row is stored. Rows are read
+        and stored IMPORT_BATCH at a time: only the text itself is held whole."""
+        # A spreadsheet's byte-order mark is not part of the first column's name.
+        text = text.removeprefix("\ufeff")
+
+        def lines() -> io.StringIO:
+            # newline="": quoted fields keep their line breaks, as the csv module wants.
+            return io.StringIO(text, newline="")
+
+        check_csv(lines())
         report = ImportReport()
         batch: list[tuple[int, tuple[NewSubscriber, Address, list[str]]]] = []
 
@@ -116,7 +128,7 @@ class Audience:
                     report.updated += 1
             batch.clear()
 
-        for line, row in list(read_csv(lines)):
+        for line, row in read_csv(lines()):
             if isinstance(row, str):
                 report.rejected.append(RejectedRow(line=line, reason=row))
                 continue
@@ -207,11 +219,15 @@ class Audience:
             )
         if subscribed:
             subscriber = await self.rows.get(subscriber_id)
-            if not subscriber.address(kind):
+            reached = subscriber.address(kind)
+            if not reached:
                 raise InvalidSubscriberError(
                     f"subscriber #{subscriber_id} has no {kind.value}: channel '{channel}' "
                     "cannot reach them"
                 )
+            # Checked like at registration: a URL given with other channels only was
+            # never checked against this one's rules.
+            await self.channels[channel].check_address(reached)
         changed = await self.rows.set_subscription(
             subscriber_id, channel, subscribed=subscribed, source=source, actor=actor
         )
@@ -225,14 +241,21 @@ class Audience:
         return changed
 
     async def set_subscribed(
-        self, channel: str, address: str, *, subscribed: bool, source: str
+        self,
+        channel: str,
+        address: str,
+        *,
+        subscribed: bool,
+        source: str,
+        actor: str | None = None,
     ) -> bool:
-        """Opt whoever has this address in or out of a channel; False when nobody has it."""
+        """Opt whoever has this address in or out of a channel; False when nobody has it.
+        With `actor`, the change is audited (by subscriber id)."""
         kind = self.kinds.get(channel)
         if kind is None:
             raise NotFoundError(f"'{channel}' is not a subscriber channel")
         found = await self.rows.set_subscribed(
-            channel, kind, address, subscribed=subscribed, source=source
+            channel, kind, address, subscribed=subscribed, source=source, actor=actor
         )
         log.info(
             "%s: %s %s (%s)",
@@ -242,6 +265,52 @@ class Audience:
             source if found is not None else f"{source}, no such subscriber",
         )
         return found is not None
+
+    async def subscribe_address(
+        self,
+        channel: str,
+        address: str,
+        *,
+        language: str,
+        components: Sequence[str] | None,
+        source: str,
+        actor: str,
+    ) -> tuple[Subscriber, bool]:
+        """A person subscribing themselves to one channel at an address of its kind (a
+        Telegram user's /subscribe): added, or opted in again with this language and
+        these components; (subscriber, created). Validated like any other subscriber."""
+        kind = self.kinds.get(channel)
+        if kind is None:
+            raise NotFoundError(f"'{channel}' is not a subscriber channel")
+        new = NewSubscriber.model_validate(
+            {
+                kind.field: address,
+                "language": language,
+                "components": list(components) if components is not None else None,
+                "channels": [channel],
+            }
+        )
+        normalised, _ = await self._check(new)
+        reached = normalised.of(kind)
+        assert reached is not None  # _check made sure the channel can reach them
+        subscriber, created = await self.rows.subscribe_address(
+            channel,
+            kind,
+            reached,
+            language=language,
+            components=components,
+            source=source,
+            actor=actor,
+        )
+        log.info(
+            "%s: subscriber #%d (%s) %s (%s)",
+            channel,
+            subscriber.id,
+            mask(reached),
+            "added" if created else "opted in",
+            source,
+        )
+        return subscriber, created
 
 
 def _delivery_json(delivery: Delivery) -> dict[str, Any]:

@@ -496,6 +496,40 @@ def list_drafts(as_json: AsJson = False) -> None:
     console().print(table if drafts else "no drafts waiting")
 
 
+@app.command("schedule")
+def show_schedule(as_json: AsJson = False) -> None:
+    """What the scheduler fires next: nudges before promised updates, holding updates when
+    they are due (see [cadence] in the README)."""
+    from rich.table import Table
+
+    from broadcaster.models import ReminderKind
+
+    reminders = run(lambda b: b.schedule())
+    if as_json:
+        _print_json([r.model_dump(mode="json") for r in reminders])
+        return
+    table = Table()
+    for column in ("when (UTC)", "incident", "what", "about (UTC)"):
+        table.add_column(column)
+    for r in reminders:
+        table.add_row(
+            f"{r.due_at:%Y-%m-%d %H:%M:%S}",
+            f"#{r.incident_id}",
+            {
+                ReminderKind.NUDGE: "nudge the team",
+                ReminderKind.HOLDING: "holding update, unless one is posted",
+                ReminderKind.NOTICE: "maintenance notice again",
+                ReminderKind.START: "maintenance started",
+                ReminderKind.END: "maintenance completed",
+                ReminderKind.ESCALATE: "escalate, unless resolved",
+            }[r.kind],
+            f"{r.promised_at:%Y-%m-%d %H:%M}",
+        )
+    console().print(
+        table if reminders else "nothing scheduled: no open incident promised an update"
+    )
+
+
 @app.command("approve")
 def approve(
     draft_id: Annotated[int, typer.Argument(help="Draft number (`broadcaster drafts`)")],
@@ -619,6 +653,46 @@ def delivery_status(
         out.print(failures_table(shown))
 
 
+@app.command("report")
+def incident_report(
+    incident_id: Annotated[int, typer.Argument(help="Incident number")],
+    out: Annotated[
+        Path, typer.Option("--out", metavar="DIR", help="Folder to write into (default: here).")
+    ] = Path("."),
+    fmt: Annotated[
+        str, typer.Option("--format", metavar="FORMAT", help="md, html or both.")
+    ] = "both",
+    timezone: Annotated[
+        str | None,
+        typer.Option(metavar="ZONE", help="Show times in this zone (default: `timezone`)."),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The post-incident communication report: timeline, time to first message per
+    channel, deliveries and failures, promises kept or missed, and a timeline chart."""
+    formats: dict[str, Literal["md", "html", "both"]] = {"md": "md", "html": "html", "both": "both"}
+    if fmt not in formats:
+        raise fail(f"--format {fmt}: use md, html or both")
+    from broadcaster.report import IncidentReport, build_report, write_report
+
+    async def work(b: Operations) -> IncidentReport:
+        # The configured zone when the store is local; a remote server's is not known here.
+        settings = getattr(b, "settings", None)
+        zone = timezone or getattr(settings, "timezone", None) or "UTC"
+        return await build_report(b, incident_id, timezone=zone)
+
+    report = run(work)
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+        return
+    try:
+        paths = write_report(report, out, formats[fmt])
+    except OSError as exc:
+        raise fail(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    for path in paths:
+        console().print(str(path), soft_wrap=True)
+
+
 @app.command("retry")
 def retry(
     incident_id: Annotated[int, typer.Argument(help="Incident number")],
@@ -728,6 +802,14 @@ def subscribers_add(
         ),
     ] = None,
     email: Annotated[str | None, typer.Option(metavar="ADDRESS", help="Email address.")] = None,
+    webhook_url: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            help="https URL that receives each update, signed (a public address, unless "
+            "the webhook channel's allow_networks allows it).",
+        ),
+    ] = None,
     language: Annotated[
         str, typer.Option(metavar="LANG", help="Language they are told in (en, fr…).")
     ] = "en",
@@ -762,6 +844,7 @@ def subscribers_add(
         new = NewSubscriber(
             phone=phone,
             email=email,
+            webhook_url=webhook_url,
             language=language,
             components=component or None,
             channels=channel or None,

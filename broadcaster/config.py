@@ -424,6 +424,67 @@ class SubscriberSettings(BaseModel):
         return self
 
 
+def _duration(value: object) -> object:
+    """'5m' -> timedelta (numbers are seconds, as pydantic reads them)."""
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+HoldingPolicy = Literal["publish", "draft", "off"]
+DEFAULT_HOLDING: dict[Impact, HoldingPolicy] = {
+    Impact.CRITICAL: "publish",
+    Impact.MAJOR: "publish",
+    Impact.MINOR: "draft",
+    Impact.NONE: "draft",
+}
+
+
+class CadenceSettings(BaseModel):
+    """Promised updates (an update's `next_update_at`): the team is nudged before one is
+    due, and when it passes with nothing posted a holding update goes out (or waits for
+    approval), per the incident's impact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    notify: list[str] = Field(
+        default_factory=list,
+        description="the team's own chat channels (Slack, Telegram group…): nudges, "
+        "holding drafts to approve, missed promises",
+    )
+    nudge_before: Duration = Field(
+        default=timedelta(minutes=5), description="how long before a promised update is due"
+    )
+    holding: dict[Impact, HoldingPolicy] = Field(
+        default_factory=lambda: dict(DEFAULT_HOLDING),
+        description="per impact, when a promised update is due and nothing was posted: "
+        "publish the `holding` template, draft it for approval (and tell the team), or "
+        "only tell the team",
+    )
+    holding_next_update_in: Duration = Field(
+        default=timedelta(minutes=30), description="the fresh promise a holding update makes"
+    )
+    maintenance_notices: list[Duration] = Field(
+        default_factory=lambda: [timedelta(hours=72), timedelta(hours=24)],
+        description="before a scheduled maintenance starts, its notice goes out again this "
+        "long ahead (counted on the clock of `timezone`: 24h before 02:00 is 02:00 the day "
+        "before, across a daylight-saving change too); its start and end messages go out "
+        "by themselves",
+    )
+    escalate_after: Duration | None = Field(
+        default=None,
+        description="an incident still unresolved this long after it opened is escalated",
+    )
+    escalate_to: list[str] = Field(
+        default_factory=list,
+        description="chat channels told of an escalation (default: notify)",
+    )
+    grace: Duration = Field(
+        default=timedelta(minutes=15),
+        description="a due time found this late (the scheduler was down) is reported as "
+        "missed instead of fired",
+    )
+
+
 class Settings(BaseSettings):
     """Everything broadcaster.toml can say; BROADCASTER_* environment variables override it."""
 
@@ -448,6 +509,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     hooks: HookSettings = Field(default_factory=HookSettings)
     subscribers: SubscriberSettings = Field(default_factory=SubscriberSettings)
+    cadence: CadenceSettings = Field(default_factory=CadenceSettings)
     routes: list[Route] = Field(default_factory=list)
     config_path: Path | None = Field(default=None, exclude=True)
 
@@ -479,6 +541,20 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"routes[{index}] ({route.name}): unknown channel '{missing[0]}' — "
                     f"configured: {', '.join(self.channels) or 'none'}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _team_channels_exist(self) -> Settings:
+        for setting, names in (
+            ("notify", self.cadence.notify),
+            ("escalate_to", self.cadence.escalate_to),
+        ):
+            missing = [c for c in names if c not in self.channels]
+            if missing:
+                raise ValueError(
+                    f"cadence.{setting}: unknown channel '{missing[0]}' — configured: "
+                    f"{', '.join(self.channels) or 'none'}"
                 )
         return self
 

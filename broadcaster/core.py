@@ -45,6 +45,7 @@ from broadcaster.models import (
     IncidentStatus,
     NewSubscriber,
     Preview,
+    Reminder,
     Retraction,
     Subscriber,
     TemplateInfo,
@@ -52,6 +53,7 @@ from broadcaster.models import (
     UpdateRequest,
 )
 from broadcaster.operations import ProgressCallback
+from broadcaster.scheduler import Scheduler, reminders_for
 from broadcaster.store import ChannelPlan, DeliveryQueue, PublishPlan, Store
 from broadcaster.support import StoreSupportDesk
 from broadcaster.templates import RenderContext, TemplateLibrary
@@ -112,8 +114,10 @@ class Broadcaster:
             settings.dispatch,
             quiet_hours=settings.subscribers.quiet_hours,
             timezone=settings.timezone,
+            on_broken=self._channel_broken,
         )
         self.alerts = AlertIntake(self)
+        self.scheduler = Scheduler(self)
         self.audience = Audience(
             store,
             channels,
@@ -301,6 +305,7 @@ class Broadcaster:
             channels=plans,
             corrects=request.corrects,
             fallback_renders=fallbacks,
+            opened_at=incident.created_at if incident else None,
         )
         preview = Preview(
             request=request, renders=renders, failures=failures, fallbacks=list(fallbacks.values())
@@ -394,6 +399,7 @@ class Broadcaster:
         alert_key: str | None = None,
         lookup: bool = True,
         release_draft: int | None = None,
+        keeps_reminder: int | None = None,
     ) -> PublishResult:
         """Check, then store the update and its deliveries in one transaction.
 
@@ -403,6 +409,8 @@ class Broadcaster:
         looks the publish key up first, to skip rendering a repeat (the store's unique
         key decides either way). `release_draft` names a held draft this publishes: it
         raises DraftChangedError (nothing stored) when that draft is no longer held.
+        `keeps_reminder` names the due holding reminder this update answers (the
+        scheduler's holding update): it is settled `done` in the update's transaction.
         """
         if request.publish_key and lookup:
             existing = await self.store.find_by_publish_key(request.publish_key)
@@ -414,8 +422,21 @@ class Broadcaster:
             raise CheckFailedError(preview.failures)
         plan.alert_key = alert_key
         plan.release_draft = release_draft
+        plan.keeps_reminder = keeps_reminder
         plan.claim_lease_seconds = self.backend.claim_lease()
+        now = self.scheduler.clock()
+        plan.reminders = reminders_for(
+            plan.status,
+            plan.fields,
+            plan.next_update_at,
+            self.settings.cadence,
+            timezone=self.settings.timezone,
+            now=now,
+            opened_at=plan.opened_at or now,
+        )
         update, new = await self.store.publish(plan)
+        if new and plan.reminders:
+            self.backend.reminders_stored()
         if new:
             log.info(
                 "published update %d of incident %d to %s",
@@ -564,7 +585,8 @@ class Broadcaster:
     async def dispatch_until(self, stop: asyncio.Event) -> None:
         """Drive deliveries while this process holds the dispatcher lease (watch
         otherwise), until `stop` is set: what `broadcaster serve` runs. Held updates
-        (flapping damping) are published when due meanwhile."""
+        (flapping damping) are published when due meanwhile, and promised updates'
+        reminders fire (broadcaster/scheduler.py)."""
 
         async def stopped() -> bool:
             return stop.is_set()
@@ -572,6 +594,7 @@ class Broadcaster:
         await asyncio.gather(
             self.backend.drive(stopped),
             self.alerts.release_held_until(stop),
+            self.backend.run_reminders(self.scheduler.fire_due, stop),
             self._forget_old_deliveries_until(stop),
         )
 
@@ -638,6 +661,18 @@ class Broadcaster:
 
     async def audit(self, incident_id: int) -> list[AuditEntry]:
         return await self.store.audit(incident_id)
+
+    async def _channel_broken(self, channel: str, reason: str) -> None:
+        await self.scheduler.channel_broken(channel, reason)
+
+    async def schedule(self, *, limit: int = 100) -> list[Reminder]:
+        """What the scheduler fires next (pending reminders, soonest first)."""
+        return await self.scheduler.reminders.upcoming(limit=limit)
+
+    async def reminders(self, incident_id: int) -> list[Reminder]:
+        """Every reminder of an incident and what became of it (promises kept, missed)."""
+        await self.store.get_incident(incident_id)
+        return await self.scheduler.reminders.of_incident(incident_id)
 
     # -- subscribers (see Audience; the audit trail names them by id, never by address) --
 

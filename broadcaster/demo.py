@@ -30,7 +30,7 @@ from rich.rule import Rule
 from broadcaster import demo_audience as audience
 from broadcaster.config import load_settings
 from broadcaster.core import Broadcaster
-from broadcaster.models import ComponentState, IncidentStatus, UpdateRequest
+from broadcaster.models import ComponentState, IncidentStatus, ReminderKind, UpdateRequest
 from broadcaster.sandbox import (
     Behaviour,
     FakeChat,
@@ -50,6 +50,7 @@ from broadcaster.views import failures_table, preview_view, progress_table, watc
 
 PARTNERS = 24
 SLACK_CHANNEL = "C0VOLTSTATUS"
+COMMS_CHANNEL = "C0VOLTCOMMS"  # the comms team's own channel: nudges land there
 TELEGRAM_CHAT = FakeChat(id=-1001234567890, title="VoltCharge status", username="voltcharge")
 TELEGRAM_TOKEN = "123456:demo-token"
 BLUESKY_HANDLE = "status.voltcharge.example"
@@ -146,8 +147,17 @@ def _write_config(folder: Path, sims: Simulators) -> Path:
                 "webhook_url": {"file": "secrets/teams-webhook-url"},
                 **fast_retries,
             },
+            # Not among default_channels: the team's own, told by the scheduler.
+            "comms": {
+                "type": "slack",
+                "token": {"file": "secrets/slack-token"},
+                "channels": [COMMS_CHANNEL],
+                "base_url": sims.slack.api_url,
+                **fast_retries,
+            },
             **audience.channels(sims.twilio, sims.smtp, fast_retries),
         },
+        "cadence": {"notify": ["comms"]},
         "serve": {"public_url": f"http://127.0.0.1:{sims.app_port}"},
     }
     path = folder / "broadcaster.toml"
@@ -190,7 +200,9 @@ async def run_demo(folder: Path, console: Console) -> None:
     async with AsyncExitStack() as running:
         sims = Simulators(
             receiver=await running.enter_async_context(WebhookReceiver(secret=secret)),
-            slack=await running.enter_async_context(SlackWebApi(channels=(SLACK_CHANNEL,))),
+            slack=await running.enter_async_context(
+                SlackWebApi(channels=(SLACK_CHANNEL, COMMS_CHANNEL))
+            ),
             telegram=await running.enter_async_context(
                 FakeTelegram(token=TELEGRAM_TOKEN, chats=[TELEGRAM_CHAT])
             ),
@@ -279,8 +291,9 @@ async def run_demo(folder: Path, console: Console) -> None:
                         }
                     ),
                 ),
+                ("4. The promised update comes due", True, PROMISE_DUE),
                 (
-                    "4. Resolved",
+                    "5. Resolved",
                     True,
                     UpdateRequest(
                         status=IncidentStatus.RESOLVED,
@@ -298,6 +311,15 @@ async def run_demo(folder: Path, console: Console) -> None:
             receipted: set[str] = set()
             for heading, follow_up, step in steps:
                 console.print(Rule(heading))
+                if step is PROMISE_DUE:
+                    assert incident_id is not None and identified.next_update_at is not None
+                    held = await _promise_comes_due(
+                        broadcaster, sims, identified.next_update_at, console
+                    )
+                    update_ids.append(held)
+                    await watch_deliveries(broadcaster, [held], console)
+                    await audience.report_receipts(broadcaster, sims.twilio, receipted)
+                    continue
                 request = step
                 if step.corrects is CORRECTED:  # the update published just before
                     request = step.model_copy(update={"corrects": update_ids[-1]})
@@ -335,10 +357,36 @@ async def run_demo(folder: Path, console: Console) -> None:
     )
 
 
+# Stands for the step where no one posts the promised update: the scheduler acts.
+PROMISE_DUE = UpdateRequest(status=IncidentStatus.IDENTIFIED, actor="scheduler")
+
+
+async def _promise_comes_due(
+    broadcaster: Broadcaster, sims: Simulators, promised: datetime, console: Console
+) -> int:
+    """Nobody posts the update the identified one promised: with the clock compressed,
+    the team is nudged 5 minutes before, and a holding update goes out at the time. The
+    holding update's id."""
+    nudge_at = promised - broadcaster.settings.cadence.nudge_before
+    console.print(
+        f"[dim]clock compressed: now {nudge_at:%H:%M} UTC, the update promised for "
+        f"{promised:%H:%M} UTC is not posted yet[/]"
+    )
+    await broadcaster.scheduler.fire_due(nudge_at)
+    (nudge,) = [m for m in sims.slack.messages if m.channel == COMMS_CHANNEL]
+    console.print(f"nudge to #{COMMS_CHANNEL} (the team's channel):")
+    console.print(f"[dim]{nudge.text}[/]")
+    console.print(f"[dim]clock compressed: now {promised:%H:%M} UTC and nothing was posted[/]")
+    fired = await broadcaster.scheduler.fire_due(promised)
+    outcome = next(r.outcome for r in fired if r.kind is ReminderKind.HOLDING)
+    console.print(f"the scheduler published a {outcome}, promising the next one in 30 minutes")
+    return int(str(outcome).rsplit("#", 1)[1])
+
+
 def _threads(sims: Simulators) -> str:
     """What the social and chat simulators hold: a first post and its replies each, and
     how many posts the correction edited."""
-    slack = sims.slack.messages
+    slack = [m for m in sims.slack.messages if m.channel == SLACK_CHANNEL]
     telegram = list(sims.telegram.posts.get(TELEGRAM_CHAT.id, {}).values())
     bluesky = sims.bluesky.posts
     mastodon = [p for p in sims.mastodon.posts if not p.deleted]

@@ -401,6 +401,9 @@ class Delivery(BaseModel):
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    sent_at: datetime | None = Field(
+        default=None, description="when the provider accepted it (sent or delivered)"
+    )
 
 
 class Retraction(BaseModel):
@@ -568,3 +571,39 @@ class ChannelInfo(BaseModel):
     languages: list[str]
     limits: dict[str, Any] = Field(description="only the limits the channel has")
     default: bool = Field(description="publishing goes here unless told otherwise")
+
+
+class ReminderKind(StrEnum):
+    """What the scheduler does at a due time of an incident."""
+
+    NUDGE = "nudge"  # tell the team a promised update is due soon
+    HOLDING = "holding"  # the promised time has come: a holding update (or a draft of one)
+    NOTICE = "notice"  # a maintenance's advance notice, again (72 h, 24 h before…)
+    START = "start"  # a maintenance window opens: "maintenance has begun"
+    END = "end"  # a maintenance window closes: "maintenance is over"
+    ESCALATE = "escalate"  # an incident unresolved this long: tell the escalation channels
+
+
+class ReminderState(StrEnum):
+    PENDING = "pending"  # waiting for its time
+    DONE = "done"  # fired (a nudge sent, a holding update published or drafted)
+    KEPT = "kept"  # the team posted the promised update in time: nothing to do
+    CANCELLED = "cancelled"  # a newer promise, a resolution or a retraction replaced it
+    MISSED = "missed"  # due while nothing could fire it, beyond the grace: reported
+
+
+class Reminder(BaseModel):
+    """A due time the scheduler keeps: one per incident, kind and time."""
+
+    id: int
+    incident_id: int
+    update_id: int = Field(description="the update that made the promise")
+    kind: ReminderKind
+    due_at: datetime
+    promised_at: datetime = Field(
+        description="the time it is about: the next update promised, or a maintenance's "
+        "start (notices, start) or end"
+    )
+    state: ReminderState
+    fired_at: datetime | None = None
+    outcome: str | None = Field(default=None, description="what firing did, or why it did not")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         Incident,
         NewSubscriber,
         Preview,
+        Reminder,
         Retraction,
         Subscriber,
         TemplateInfo,
@@ -84,6 +85,10 @@ class Operations(Protocol):
     ) -> list[Delivery]: ...
 
     async def audit(self, incident_id: int) -> list[AuditEntry]: ...
+
+    async def schedule(self, *, limit: int = 100) -> list[Reminder]: ...
+
+    async def reminders(self, incident_id: int) -> list[Reminder]: ...
 
     async def templates(self) -> list[TemplateInfo]: ...
 

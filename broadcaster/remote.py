@@ -31,6 +31,7 @@ from broadcaster.models import (
     Incident,
     NewSubscriber,
     Preview,
+    Reminder,
     Retraction,
     Subscriber,
     TemplateInfo,
@@ -218,6 +219,12 @@ class RemoteBroadcaster:
 
     async def audit(self, incident_id: int) -> list[AuditEntry]:
         return await self._call("GET", f"/incidents/{incident_id}/audit", list[AuditEntry])
+
+    async def schedule(self, *, limit: int = 100) -> list[Reminder]:
+        return await self._call("GET", "/schedule", list[Reminder], params=[("limit", str(limit))])
+
+    async def reminders(self, incident_id: int) -> list[Reminder]:
+        return await self._call("GET", f"/incidents/{incident_id}/reminders", list[Reminder])
 
     async def templates(self) -> list[TemplateInfo]:
         return await self._call("GET", "/templates", list[TemplateInfo])

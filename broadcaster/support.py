@@ -20,16 +20,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from broadcaster.errors import BroadcasterError, ConfigError, DeliveryError, NotFoundError
+from broadcaster.errors import BroadcasterError, ConfigError, NotFoundError
 from broadcaster.models import (
-    ChannelFamily,
-    ChannelRender,
     DeliveryState,
     Impact,
     IncidentStatus,
-    Rendered,
+    Subscriber,
 )
 from broadcaster.subscribers import mask
+from broadcaster.team import team_channel_problem, tell_team
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -50,7 +49,21 @@ __all__ = [
 log = logging.getLogger("broadcaster.support")
 
 # The `[bot]` words of `_labels/<language>.toml` (a user's folder may override each).
-BOT_LABELS = ("all_clear", "unknown_command", "facts", "status_page", "more")
+BOT_LABELS = (
+    "all_clear",
+    "unknown_command",
+    "facts",
+    "status_page",
+    "more",
+    # /subscribe and /unsubscribe, on a bot whose channel is a subscriber channel
+    "subscribe_help",
+    "subscribed",
+    "subscribed_components",
+    "unknown_component",
+    "unsubscribed",
+    "not_subscribed",
+    "no_subscriptions",
+)
 # The `[sms]` words: what an SMS channel answers to STATUS and HELP, and how a reply
 # forwarded to the team reads.
 SMS_LABELS = (
@@ -69,7 +82,6 @@ MAX_INCIDENTS = 20
 # How long a delivery receipt waits for the dispatcher's record of the send it is about.
 RECEIPT_WAIT_SECONDS = 30.0
 # A reply forwarded to the team is one try (not a tracked delivery): this long at most.
-FORWARD_TIMEOUT_SECONDS = 30.0
 
 
 class OpenIncident(BaseModel):
@@ -145,6 +157,32 @@ class SupportDesk(Protocol):
         False when nobody has it."""
         ...
 
+    def components(self) -> dict[str, str]:
+        """The configured components, name -> the name shown to users (empty when none
+        are configured: then any name is taken)."""
+        ...
+
+    async def subscribe(
+        self,
+        channel: str,
+        address: str,
+        *,
+        language: str | None,
+        components: list[str] | None,
+        source: str,
+    ) -> Subscriber:
+        """A person subscribing themselves to a subscriber channel at this address (a
+        Telegram user's /subscribe): added in the channel language closest to
+        `language`, or, known already, opted in again with that language and these
+        components (names from `components()`; None: all). Audited, by id.
+        InvalidSubscriberError for an address or component the channel refuses."""
+        ...
+
+    async def unsubscribe(self, channel: str, address: str, *, source: str) -> bool:
+        """A person opting themselves out of a subscriber channel (/unsubscribe); it
+        stands until they subscribe again. Audited; False when nobody has the address."""
+        ...
+
 
 def _fill(label: str, **values: str) -> str:
     """A label with its `{name}`s filled (not str.format: labels are user files)."""
@@ -172,7 +210,8 @@ def pick_language(wanted: str | None, available: Sequence[str]) -> str:
 
 class StoreSupportDesk:
     """`SupportDesk` on a `Broadcaster`: answers from its store and template labels; it
-    writes only consents (STOP/START), receipts, and the record of forwarded replies.
+    writes only consents (STOP/START, /unsubscribe), subscribers who ask themselves
+    (/subscribe), receipts, and the record of forwarded replies.
 
     **Decision (only what the channel was told):** an open incident is listed when one of
     its live (not cancelled or retracted) updates was published to the asking channel,
@@ -188,23 +227,10 @@ class StoreSupportDesk:
             raise ConfigError(problem)
 
     def _team_channel_problem(self, target: str | None) -> str | None:
-        """Why `subscribers.replies_to` cannot take people's replies, or None.
-
-        Only a chat channel (Slack, Discord, Teams, Telegram): a social channel would
-        publish what a person wrote to the world, a status page or webhook would show it as
-        an incident update, and a subscriber channel would send it to subscribers."""
+        """Why `subscribers.replies_to` cannot take people's replies, or None."""
         if target is None:
             return None
-        channel = self.broadcaster.channels.get(target)
-        if channel is None:
-            configured = ", ".join(self.broadcaster.channels) or "none"
-            return f"subscribers.replies_to: unknown channel '{target}' — configured: {configured}"
-        if channel.family is not ChannelFamily.CHAT or channel.address_kind is not None:
-            return (
-                f"subscribers.replies_to: '{target}' is a {channel.config.type} channel — name "
-                "the team's own chat channel (Slack, Discord, Teams, a private Telegram group)"
-            )
-        return None
+        return team_channel_problem(self.broadcaster.channels, target, "subscribers.replies_to")
 
     def _language(self, channel: str, language: str | None) -> str:
         target = self.broadcaster.channels.get(channel)
@@ -307,51 +333,18 @@ class StoreSupportDesk:
         reference: str,
     ) -> str | None:
         """One message to each target of the team's channel; why it failed, or None."""
-        from broadcaster.text import truncate
-        from channels.base import Message, Recipient
-
         problem = self._team_channel_problem(target)
         if problem is not None:
             return problem
         channel = self.broadcaster.channels[target]
-        language = channel.languages[0]
-        words = self._labels(language, "sms")
+        words = self._labels(channel.languages[0], "sms")
         who = (
             _fill(words["subscriber"], id=str(found[0]))
             if found is not None
             else words["not_subscriber"]
         )
         body = _fill(words["forwarded"], sender=mask(sender), who=who, text=text.strip())
-        limits = channel.instance_limits
-        limit = min(x for x in (limits.max_graphemes, limits.max_chars, 4000) if x is not None)
-        render = ChannelRender(
-            channel=target,
-            family=channel.family,
-            template="sms-reply",
-            variants=[Rendered(language=language, text=truncate(body, limit))],
-            joined=False,
-        )
-        # The dispatcher starts every channel while it runs; this process may not be the
-        # one holding its lease (start is idempotent).
-        await channel.start()
-        errors = []
-        for recipient in channel.recipients():
-            message = Message(
-                render=render,
-                recipient=Recipient(id=recipient.id, language=language),
-                thread=None,
-                incident_id=0,
-                update_id=0,
-                delivery_key=f"reply:{from_channel}:{reference}:{recipient.id}",
-            )
-            try:
-                async with asyncio.timeout(FORWARD_TIMEOUT_SECONDS):
-                    await channel.send(message)
-            except DeliveryError as exc:
-                errors.append(str(exc))
-            except TimeoutError:
-                errors.append(f"{target}: no answer within {FORWARD_TIMEOUT_SECONDS:.0f} s")
-        return "; ".join(errors) or None
+        return await tell_team(channel, body, kind="reply", reference=f"{from_channel}:{reference}")
 
     async def record_receipt(
         self, channel: str, provider_id: str, state: DeliveryState, error: str | None
@@ -376,6 +369,33 @@ class StoreSupportDesk:
     ) -> bool:
         return await self.broadcaster.audience.set_subscribed(
             channel, address, subscribed=subscribed, source=source
+        )
+
+    def components(self) -> dict[str, str]:
+        return dict(self.broadcaster.settings.components)
+
+    async def subscribe(
+        self,
+        channel: str,
+        address: str,
+        *,
+        language: str | None,
+        components: list[str] | None,
+        source: str,
+    ) -> Subscriber:
+        subscriber, _ = await self.broadcaster.audience.subscribe_address(
+            channel,
+            address,
+            language=self._language(channel, language),
+            components=components,
+            source=source,
+            actor=f"inbound:{channel}",
+        )
+        return subscriber
+
+    async def unsubscribe(self, channel: str, address: str, *, source: str) -> bool:
+        return await self.broadcaster.audience.set_subscribed(
+            channel, address, subscribed=False, source=source, actor=f"inbound:{channel}"
         )
 
     def _labels(self, language: str, table: str = "bot") -> dict[str, str]:

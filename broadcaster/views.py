@@ -246,6 +246,7 @@ def subscriber_json(subscriber: Subscriber, *, full: bool = False) -> dict[str, 
     if not full:
         data["phone"] = mask(subscriber.phone) if subscriber.phone else None
         data["email"] = mask(subscriber.email) if subscriber.email else None
+        data["webhook_url"] = mask(subscriber.webhook_url) if subscriber.webhook_url else None
     return data
 
 

@@ -14,6 +14,7 @@ through `ChannelContext.support_desk`.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -41,11 +42,14 @@ from broadcaster.models import (
     Thread,
 )
 from broadcaster.secrets import SecretRef
+from broadcaster.subscribers import mask
 
 if TYPE_CHECKING:
     import aiohttp
 
     from broadcaster.support import SupportDesk
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Channel",
@@ -259,6 +263,18 @@ class Channel(ABC):
         """A new inbound endpoint when this instance's config turns one on; None if not."""
         return None
 
+    async def opt_out(self, address: str, source: str) -> None:
+        """Record that a subscriber refused this channel at the provider (an SMS STOP
+        Twilio enforces, a Telegram user who blocked the bot), so fan-outs skip them from
+        now on. Never raises: the delivery's own failure is what the caller reports."""
+        desk = self.context.support_desk
+        if desk is None:
+            return
+        try:
+            await desk.set_subscribed(self.name, address, subscribed=False, source=source)
+        except Exception:
+            log.exception("%s: could not record the opt-out of %s", self.name, mask(address))
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections inside the running event loop."""
 
@@ -319,7 +335,24 @@ class HttpChannel(Channel):
     """A channel that talks HTTP with aiohttp: one shared session, created inside the loop."""
 
     request_timeout_seconds: ClassVar[float] = 10.0
+    # False: a 3xx answer is a PermanentError ("redirect refused") and its Location is
+    # never requested (an instance calling URLs strangers gave sets it).
+    follow_redirects: bool = True
     _session: aiohttp.ClientSession | None = None
+
+    def connector(self) -> aiohttp.TCPConnector:
+        """The connector the session is made with (an instance may resolve, or trust
+        certificates, its own way)."""
+        import aiohttp
+
+        return aiohttp.TCPConnector(limit=self.concurrency)
+
+    def connection_error(self, exc: Exception, what: str) -> DeliveryError:
+        """What a failure to connect or to get an answer means: by default transient (a
+        dropped connection may or may not have delivered: retried, and the delivery key
+        lets the receiver recognise the duplicate). Never quote `exc`: aiohttp's message
+        may carry the URL, and with it a token."""
+        return TransientError(f"{what}: {type(exc).__name__}")
 
     async def start(self) -> None:
         import aiohttp
@@ -327,7 +360,7 @@ class HttpChannel(Channel):
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout_seconds),
-                connector=aiohttp.TCPConnector(limit=self.concurrency),
+                connector=self.connector(),
             )
 
     @property
@@ -358,15 +391,19 @@ class HttpChannel(Channel):
 
         try:
             async with self.session.request(
-                method, url, data=body, headers=headers or {}
+                method,
+                url,
+                data=body,
+                headers=headers or {},
+                allow_redirects=self.follow_redirects,
             ) as response:
                 text = await response.text()
                 status, answer_headers = response.status, response.headers
         except (TimeoutError, aiohttp.ClientError) as exc:
-            # A dropped connection may or may not have delivered: retry, the delivery key
-            # lets the receiver recognise the duplicate. `from None`: aiohttp's exception
-            # may quote the URL, and with it a token.
-            raise TransientError(f"{what}: {type(exc).__name__}") from None
+            # `from None`: aiohttp's exception may quote the URL, and with it a token.
+            raise self.connection_error(exc, what) from None
+        if 300 <= status < 400 and not self.follow_redirects:
+            raise PermanentError(f"{what}: HTTP {status}: redirect refused (not followed)")
         if status >= 300:
             if classify is not None:
                 raise classify(status, answer_headers, text)

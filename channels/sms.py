@@ -602,7 +602,7 @@ class SmsChannel(Channel):
         except api_errors() as exc:
             error = self.classify(exc, what)
             if getattr(exc, "code", None) == _UNSUBSCRIBED:
-                await self._opt_out(to, f"twilio {_UNSUBSCRIBED}")
+                await self.opt_out(to, f"twilio {_UNSUBSCRIBED}")
             raise error from None
         except aiohttp.ClientError as exc:
             # A dropped connection may or may not have sent it: retried (Twilio takes no
@@ -647,16 +647,6 @@ class SmsChannel(Channel):
             raise PermanentError(f"{what}: {twilio_error(sent.error_code, sent.error_message)}")
         log.info("%s: notice %s sent to %s", self.name, sent.sid, mask(to))
         return str(sent.sid)
-
-    async def _opt_out(self, number: str, source: str) -> None:
-        """Record an opt-out Twilio already enforces, so fan-outs skip the number."""
-        desk = self.context.support_desk
-        if desk is None:
-            return
-        try:
-            await desk.set_subscribed(self.name, number, subscribed=False, source=source)
-        except Exception:
-            log.exception("%s: could not record the opt-out of %s", self.name, mask(number))
 
     # -- doctor ---------------------------------------------------------------------------------
 
@@ -787,7 +777,7 @@ class SmsInbound(InboundEndpoint):
                     extra={"channel": self.name},
                 )
             if code == _UNSUBSCRIBED and recipient:
-                await self.channel._opt_out(recipient, f"twilio {_UNSUBSCRIBED}")
+                await self.channel.opt_out(recipient, f"twilio {_UNSUBSCRIBED}")
 
         return self._twiml(record)
 

@@ -7,6 +7,11 @@ chat. Every SDK failure is classified here into the contract's three error class
 With `support_bot = true` the same bot also answers users in private chats
 (`channels.telegram_support`): `/status` gets the current state, by webhook inside
 `serve` (`POST /inbound/<channel>`) or by long polling (`broadcaster telegram-bot`).
+
+With `subscribers = true` the instance is a subscriber channel instead (`address_kind =
+telegram`): users subscribe themselves with the bot's `/subscribe`, and the core fans each
+update out to them, privately, one tracked delivery each, in their language. A user who
+blocked the bot is opted out, as Twilio's STOP is for SMS.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import re
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
-from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic import AnyHttpUrl, Field, field_validator, model_validator
 
 from broadcaster.models import (
+    AddressKind,
     Capabilities,
     ChannelFamily,
     ChannelLimits,
@@ -75,7 +81,15 @@ _WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 class TelegramConfig(ChannelConfig):
     token: SecretRef = Field(description="the bot token from @BotFather, from env or file")
     chats: list[str] = Field(
-        min_length=1, description="chat ids (-100… for channels) or @channelusernames"
+        default_factory=list,
+        description="chat ids (-100… for channels) or @channelusernames; none when "
+        "subscribers = true",
+    )
+    subscribers: bool = Field(
+        default=False,
+        description="a subscriber channel: each update goes privately to every user who "
+        "sent the bot /subscribe (the support bot's command, so turn support_bot on too), "
+        "in their language, one tracked delivery each; `chats` must then be empty",
     )
     base_url: AnyHttpUrl | None = Field(
         default=None,
@@ -112,6 +126,23 @@ class TelegramConfig(ChannelConfig):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _one_audience(self) -> Self:
+        # Its own chats, or its subscribers: a subscriber channel's fan-out never reads
+        # `chats`, so chats given with it would silently get nothing.
+        if self.subscribers and self.chats:
+            raise ValueError(
+                "chats: a channel with subscribers = true sends to each subscribed user "
+                "privately and posts to no chat — remove chats, or post to them from "
+                "another telegram channel (the same token may serve both)"
+            )
+        if not self.subscribers and not self.chats:
+            raise ValueError(
+                "chats: name at least one chat to post to (-1001234567890 for a channel "
+                "or group, or @channelusername), or set subscribers = true"
+            )
+        return self
+
 
 def telegram_html(text: str) -> str:
     """The rendered plain text as Bot API HTML: `< > &` escaped, *heading lines* bold."""
@@ -140,8 +171,14 @@ def retry_after_of(error: Any) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+SUBSCRIBER_CAPABILITIES = Capabilities(
+    threads=True, edits=True, deletes=True, per_recipient=True, languages="each"
+)
+
+
 class TelegramChannel(Channel):
-    """Post through a Telegram bot to each configured chat, one delivery per chat."""
+    """Post through a Telegram bot to each configured chat, one delivery per chat; or,
+    with `subscribers = true`, to each subscribed user's private chat."""
 
     family: ClassVar[ChannelFamily] = ChannelFamily.CHAT
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_chars=MAX_MESSAGE_CHARS)
@@ -161,6 +198,11 @@ class TelegramChannel(Channel):
 
     def __init__(self, name: str, config: ChannelConfig, context: ChannelContext) -> None:
         super().__init__(name, config, context)
+        if self.config.subscribers:
+            self.address_kind = AddressKind.TELEGRAM
+            # Each subscriber reads their own language, not every language joined.
+            # (Capabilities are the adapter's ClassVar; only this instance differs.)
+            self.capabilities = SUBSCRIBER_CAPABILITIES  # type: ignore[misc]
         self._bot: Bot | None = None
         self._request: HTTPXRequest | None = None
         self._token: str | None = None
@@ -192,9 +234,10 @@ class TelegramChannel(Channel):
         return TelegramSupportBot(self, desk)
 
     def rate_limit_for(self, recipient: str) -> RateLimit:
-        """1 message a second in a private chat; 20 a minute in a group or channel (Bot
-        FAQ), unless the config sets its own limits."""
-        if self.config.rate_limit is not None or is_private_chat(recipient):
+        """1 message a second in a private chat (every subscriber's); 20 a minute in a
+        group or channel (Bot FAQ), unless the config sets its own limits."""
+        private = self.address_kind is not None or is_private_chat(recipient)
+        if self.config.rate_limit is not None or private:
             return self.rate_limit
         return GROUP_RATE_LIMIT
 
@@ -260,6 +303,17 @@ class TelegramChannel(Channel):
             )
         return self._bot
 
+    def _target(self, recipient: Recipient, thread: Thread | None) -> tuple[str, str]:
+        """(who, chat): how errors name the recipient, and the chat to call. A subscriber
+        is named by id and reached at their address, the private chat with them (their
+        user id stays out of errors, logs and delivery rows)."""
+        if self.address_kind is None:
+            return recipient.id, self._chat_for(recipient.id, thread)
+        who = f"subscriber #{recipient.id}"
+        if not recipient.address:
+            raise PermanentError(f"{self.name} → {who}: no Telegram user id")
+        return who, recipient.address
+
     def _chat_for(self, recipient: str, thread: Thread | None) -> str:
         """Where a recipient's messages go now: after a migration, the new chat id."""
         if recipient in self._migrated:
@@ -316,8 +370,9 @@ class TelegramChannel(Channel):
     async def _call(
         self, recipient: str, chat: str, call: Callable[[str], Awaitable[T]]
     ) -> tuple[str, T]:
-        """Run one Bot API call for a recipient, following a chat migration once."""
-        from telegram.error import ChatMigrated, TelegramError
+        """Run one Bot API call for a recipient, following a chat migration once; a
+        subscriber who blocked the bot is opted out."""
+        from telegram.error import ChatMigrated, Forbidden, TelegramError
 
         what = f"{self.name} → {recipient}"
         try:
@@ -330,13 +385,22 @@ class TelegramChannel(Channel):
                 log.warning("%s: chat %s moved to %s", self.name, recipient, chat)
                 return chat, await call(chat)
         except TelegramError as error:
-            raise self.classify(error, what, chat) from error
+            problem = self.classify(error, what, chat)
+            if isinstance(error, Forbidden) and self.address_kind is not None:
+                # "bot was blocked by the user" (or "user is deactivated"): they left, and
+                # every later update would fail the same way — as an SMS STOP does.
+                await self.opt_out(chat, "telegram blocked")
+            raise problem from error
 
     def _text(self, message: Message) -> str:
         render = message.render
         return telegram_html(render.text(None if render.joined else message.recipient.language))
 
     def _receipt(self, chat: str, sent: TelegramMessage) -> Receipt:
+        if self.address_kind is not None:
+            # A private chat: no link to it, and no chat id (the subscriber's address) in
+            # the delivery row; the next message finds their chat by their address again.
+            return Receipt(provider_id=str(sent.message_id), delivered=True)
         username = sent.chat.username
         return Receipt(
             provider_id=str(sent.message_id),
@@ -350,7 +414,7 @@ class TelegramChannel(Channel):
         from telegram.constants import ParseMode
 
         bot = self._bot_or_broken()
-        recipient = message.recipient.id
+        recipient, chat = self._target(message.recipient, message.thread)
         text = self._text(message)
         reply = None
         if message.thread is not None:
@@ -366,7 +430,7 @@ class TelegramChannel(Channel):
                 chat_id=chat, text=text, parse_mode=ParseMode.HTML, reply_parameters=reply
             )
 
-        chat, sent = await self._call(recipient, self._chat_for(recipient, message.thread), post)
+        chat, sent = await self._call(recipient, chat, post)
         return self._receipt(chat, sent)
 
     async def edit(self, provider_id: str, message: Message) -> Receipt:
@@ -375,7 +439,7 @@ class TelegramChannel(Channel):
         from telegram.constants import ParseMode
 
         bot = self._bot_or_broken()
-        recipient = message.recipient.id
+        recipient, chat = self._target(message.recipient, message.thread)
         text = self._text(message)
 
         async def edit(chat: str) -> TelegramMessage | bool:
@@ -383,24 +447,31 @@ class TelegramChannel(Channel):
                 text, chat_id=chat, message_id=int(provider_id), parse_mode=ParseMode.HTML
             )
 
-        chat, edited = await self._call(recipient, self._chat_for(recipient, message.thread), edit)
+        chat, edited = await self._call(recipient, chat, edit)
         if isinstance(edited, TelegramMessage):
             return self._receipt(chat, edited)
-        return Receipt(provider_id=provider_id, data={"chat_id": chat}, delivered=True)
+        data = {"chat_id": chat} if self.address_kind is None else {}
+        return Receipt(provider_id=provider_id, data=data, delivered=True)
 
     async def delete(self, provider_id: str, recipient: Recipient) -> None:
         """Delete a posted message (deleteMessage), for a retraction."""
         bot = self._bot_or_broken()
+        who, chat = self._target(recipient, None)
 
         async def delete(chat: str) -> bool:
             return await bot.delete_message(chat_id=chat, message_id=int(provider_id))
 
-        await self._call(recipient.id, self._chat_for(recipient.id, None), delete)
+        await self._call(who, chat, delete)
 
     async def check_config(self) -> list[str]:
         """The token is there and the Bot API accepts it (getMe); a support bot has a
         usable webhook secret."""
         problems = await super().check_config()
+        if self.config.subscribers and not self.config.support_bot:
+            problems.append(
+                f"{self.name}: subscribers = true but support_bot = false — users subscribe "
+                "with the bot's /subscribe, so nobody can; turn support_bot on"
+            )
         if self.config.support_bot:
             ref = self.config.webhook_secret
             value = self.secret(ref) if ref is not None else None

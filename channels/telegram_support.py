@@ -1,9 +1,11 @@
 """Telegram as a support channel: the bot of a `telegram` channel answers users in
 private chats. `/status` (and `/start`) get each open incident's latest update as that
-channel showed it, in the user's language; anything else gets the short help; groups and
-channels are ignored. By webhook inside `broadcaster serve` (`POST /inbound/<channel>`,
-Telegram's secret token checked on every call) or by long polling (`broadcaster
-telegram-bot`). Replies are not deliveries: they are logged, not tracked.
+channel showed it, in the user's language; on a subscriber channel (`subscribers = true`)
+`/subscribe [component …]` and `/unsubscribe` change the user's subscription; anything
+else gets the short help; groups and channels are ignored. By webhook inside `broadcaster
+serve` (`POST /inbound/<channel>`, Telegram's secret token checked on every call) or by
+long polling (`broadcaster telegram-bot`). Replies are not deliveries: they are logged,
+not tracked.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from channels.base import (
@@ -48,6 +50,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 # Only messages: edits, channel posts and the rest are never sent to the bot.
 ALLOWED_UPDATES = ["message"]
 STATUS_COMMANDS = frozenset({"status", "start"})  # /start: what Telegram sends first
+SUBSCRIBE, UNSUBSCRIBE = "subscribe", "unsubscribe"
 POLL_TIMEOUT_SECONDS = 30  # getUpdates long poll ("should be positive, short polling
 # should be used for testing purposes only")
 REPLY_ATTEMPTS = 3
@@ -73,9 +76,44 @@ def _shown_length(text: str) -> int:
     return len(html.unescape(_BOLD_TAG.sub("", text)))
 
 
-def help_reply(labels: Mapping[str, str]) -> str:
-    """The short help, as Bot API HTML."""
-    return _escape(labels["unknown_command"])
+def help_reply(labels: Mapping[str, str], *, subscriptions: bool = False) -> str:
+    """The short help, as Bot API HTML; with `subscriptions`, /subscribe's too."""
+    lines = [labels["unknown_command"]]
+    if subscriptions:
+        lines.append(labels["subscribe_help"])
+    return _escape("\n".join(lines))
+
+
+def _arguments(text: str | None) -> list[str]:
+    """The words after a command: `/subscribe api, Web` -> ["api", "Web"]."""
+    words = (text or "").replace(",", " ").split()
+    return words[1:]
+
+
+def match_components(words: Sequence[str], known: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """(component names, words matching none) for what a user typed: a configured name
+    or the name shown to users, in any case. With no components configured, every word
+    is taken as it is (the core takes any name then)."""
+    if not known:
+        return list(dict.fromkeys(words)), []
+    by_word = {name.lower(): name for name in known}
+    by_word.update({shown.lower(): name for name, shown in known.items() if shown})
+    names: list[str] = []
+    unknown: list[str] = []
+    for word in words:
+        name = by_word.get(word.lower())
+        if name is None:
+            unknown.append(word)
+        elif name not in names:
+            names.append(name)
+    return names, unknown
+
+
+def _component_list(known: Mapping[str, str]) -> str:
+    """`api (Public API), web` — what a user may type, with the name shown beside it."""
+    return ", ".join(
+        name if not shown or shown == name else f"{name} ({shown})" for name, shown in known.items()
+    )
 
 
 def status_reply(state: CurrentState) -> str:
@@ -137,7 +175,9 @@ def _command(text: str | None) -> str | None:
 class TelegramSupportBot(InboundEndpoint):
     """A channel's bot answering users in private chats; messages in groups and channels
     are ignored. `/status` and `/start` get the current state (`SupportDesk`) in the
-    user's `language_code` (else the channel's first language); anything else the help.
+    user's `language_code` (else the channel's first language); `/subscribe` and
+    `/unsubscribe` change their subscription when the channel is a subscriber channel
+    (else they are told none is offered); anything else the help.
 
     Two ways in, one way of answering: `serve` mounts it at `POST /inbound/<channel>`
     (`open` registers the webhook with `setWebhook`, `handle` takes each call), or `poll`
@@ -409,8 +449,16 @@ class TelegramSupportBot(InboundEndpoint):
                 state = await self.desk.current_state(self.name, language)
                 text = status_reply(state)
                 chosen = state.language
+            elif command in (SUBSCRIBE, UNSUBSCRIBE):
+                # A private chat's id is the user's id: where their updates will go.
+                address = str(message.chat.id)
+                text = await self._subscription(command, address, language, message.text)
+                chosen = None
             else:
-                text = help_reply(self.desk.labels(self.name, language))
+                subscriptions = self.channel.address_kind is not None
+                text = help_reply(
+                    self.desk.labels(self.name, language), subscriptions=subscriptions
+                )
                 chosen = None
             sent = await self._send(message.chat.id, text)
         except ChannelBrokenError as error:  # no token: said once per message, no traceback
@@ -435,6 +483,39 @@ class TelegramSupportBot(InboundEndpoint):
                     "mode": mode,
                 },
             )
+
+    async def _subscription(
+        self, command: str, address: str, language: str | None, text: str | None
+    ) -> str:
+        """/subscribe [component …] or /unsubscribe for the user at `address`; the reply,
+        in their language (the core logs and audits the change, the user id masked)."""
+        labels = self.desk.labels(self.name, language)
+        if self.channel.address_kind is None:
+            return _escape(labels["no_subscriptions"])
+        if command == UNSUBSCRIBE:
+            found = await self.desk.unsubscribe(self.name, address, source="telegram /unsubscribe")
+            return _escape(labels["unsubscribed" if found else "not_subscribed"])
+        known = self.desk.components()
+        names, unknown = match_components(_arguments(text), known)
+        if unknown:
+            refusal = _fill(
+                labels["unknown_component"],
+                unknown=", ".join(unknown),
+                components=_component_list(known),
+            )
+            return _escape(refusal)
+        subscriber = await self.desk.subscribe(
+            self.name,
+            address,
+            language=language,
+            components=names or None,
+            source="telegram /subscribe",
+        )
+        labels = self.desk.labels(self.name, subscriber.language)
+        if subscriber.components is None:
+            return _escape(labels["subscribed"])
+        shown = ", ".join(known.get(name) or name for name in subscriber.components)
+        return _escape(_fill(labels["subscribed_components"], components=shown))
 
     async def _send(self, chat_id: int, text: str) -> bool:
         """sendMessage, retried a few times on flood control and network errors."""

@@ -614,16 +614,21 @@ def test_demo_rehearses_an_incident_and_writes_the_status_page(tmp_path: Path) -
     # Every public channel (real SDKs, local fakes): follow-ups threaded, and the
     # correction edited the identified post where the channel can edit.
     text = " ".join(result.stdout.split())
-    assert "Slack #C0VOLTSTATUS: 3 messages, 2 in the first one's thread" in text
-    assert "VoltCharge status: 3 messages, 2 replies to the first, 1 edited" in text
-    assert "voltcharge.example: 4 posts, 3 replies" in text  # Bluesky cannot edit
-    assert "Mastodon: 3 posts, 2 replies, 1 edited" in text
-    assert "Discord: 3 messages, 1 edited; Teams: 4 cards" in text
+    assert "Slack #C0VOLTSTATUS: 4 messages, 3 in the first one's thread" in text
+    assert "VoltCharge status: 4 messages, 3 replies to the first, 1 edited" in text
+    assert "voltcharge.example: 5 posts, 4 replies" in text  # Bluesky cannot edit
+    assert "Mastodon: 4 posts, 3 replies, 1 edited" in text
+    assert "Discord: 4 messages, 1 edited; Teams: 5 cards" in text
+    # Nobody posted the update the identified one promised: on a compressed clock the
+    # team was nudged in its own channel, then a holding update went out everywhere.
+    assert "nudge to #C0VOLTCOMMS (the team's channel): Update due by" in text
+    assert "If nothing is posted by then, a holding update goes out by itself." in text
+    assert "the scheduler published a holding update #4" in text
     # Subscribers imported from a CSV (one row refused, with why), reached by SMS and
     # email in their language; Twilio's signed receipts came back to the app.
     assert "imported subscribers: 13 added; refused: line 15: phone '0612'" in text
-    assert "sms (Twilio) │ 32 │ 8 │ 28 delivered, 4 undelivered" in text
-    assert "email (SMTP) │ 20 │ 5 │ accepted (15 threaded under the first)" in text
+    assert "sms (Twilio) │ 40 │ 8 │ 35 delivered, 5 undelivered" in text
+    assert "email (SMTP) │ 25 │ 5 │ accepted (20 threaded under the first)" in text
     assert (folder / "public" / "index.html").is_file()
     assert (folder / "public" / "fr" / "index.html").is_file()
 
@@ -680,3 +685,15 @@ def test_drafts_from_monitoring_are_listed_approved_and_rejected(
         ("approved", f"cli:{getpass.getuser()}"),
     ]
     assert trail[1]["detail"]["from"] == "alertmanager/api"
+
+
+def test_schedule_shows_the_nudge_and_the_holding_update_a_promise_makes(cli: Cli) -> None:
+    assert "nothing scheduled" in cli.ok("schedule").stdout
+    cli.ok(*open_args("--yes", "--next-update", "30m", "--impact", "major"))
+    shown = cli.ok("schedule").stdout
+    assert "nudge the team" in shown and "holding update" in shown and "#1" in shown
+    nudge, holding = cli.json("schedule")
+    assert (nudge["kind"], holding["kind"]) == ("nudge", "holding")
+    assert nudge["promised_at"] == holding["promised_at"] == holding["due_at"]
+    cli.ok("resolve", "1", "--yes")
+    assert cli.json("schedule") == []

@@ -33,6 +33,7 @@ SHIPPED = [
     "holding",
     "identified",
     "investigating",
+    "maintenance_cancelled",
     "maintenance_completed",
     "maintenance_scheduled",
     "maintenance_started",
@@ -49,6 +50,7 @@ STATUS_FOR = {
     "maintenance_scheduled": IncidentStatus.SCHEDULED,
     "maintenance_started": IncidentStatus.IN_PROGRESS,
     "maintenance_completed": IncidentStatus.COMPLETED,
+    "maintenance_cancelled": IncidentStatus.COMPLETED,
 }
 STATUS_PAGE_URL = "https://status.example.com/incidents/1234"  # 40 chars
 NEXT_UPDATE_AT = datetime(2026, 11, 26, 14, 30, tzinfo=UTC)

@@ -3,6 +3,12 @@
 The embedded backend (default) runs the `Dispatcher` in this process while it holds the
 store's dispatcher lease; a process that cannot get the lease (a `serve` has it) only
 watches. A distributed backend implements the same two calls on its task engine.
+
+Reminders (broadcaster/scheduler.py) are due times stored with the update that promised
+them; *when* they fire is the backend's too: `reminders_stored` after a publish stored
+some, and `run_reminders` for as long as `serve` runs. The embedded backend looks at the
+store about once a second while it holds the scheduler lease; a task engine would defer
+a job per reminder at its due time instead.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 
 from broadcaster.config import DispatchSettings, QuietHours
-from broadcaster.dispatch.dispatcher import Dispatcher
+from broadcaster.dispatch.dispatcher import BrokenHook, Dispatcher
 from broadcaster.models import ChannelRender
 from broadcaster.store import Claimed, DeliveryQueue, Store
 from broadcaster.store.queue import QuietWindow, new_holder_id
@@ -23,8 +29,11 @@ from channels.base import Channel
 log = logging.getLogger("broadcaster.dispatch")
 
 DISPATCHER_LEASE = "dispatcher"
+SCHEDULER_LEASE = "scheduler"
+REMINDER_LOOK_SECONDS = 1.0
 Predicate = Callable[[], Awaitable[bool]]
 Tick = Callable[[bool], Awaitable[None]]
+FireDue = Callable[[], Awaitable[object]]
 
 
 class DispatchBackend(ABC):
@@ -46,6 +55,14 @@ class DispatchBackend(ABC):
         update's renders per channel, they need not be read back from the store;
         `claimed` are deliveries stored already claimed (see `claim_lease`)."""
 
+    def reminders_stored(self) -> None:  # noqa: B027 - optional hook
+        """A publish stored reminders: a backend that keeps its own timers sets them."""
+
+    @abstractmethod
+    async def run_reminders(self, fire_due: FireDue, stop: asyncio.Event) -> None:
+        """Call `fire_due()` when reminders may be due, until `stop` is set; in one place
+        at a time across every process on the store."""
+
     @abstractmethod
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
         """Dispatch (or watch, when another process dispatches) until `until()` is true.
@@ -66,6 +83,7 @@ class EmbeddedBackend(DispatchBackend):
         quiet_hours: QuietHours | None = None,
         timezone: str = "UTC",
         tick_seconds: float = 0.2,
+        on_broken: BrokenHook | None = None,
     ) -> None:
         """`quiet_hours` (subscribers.quiet_hours) hold non-critical updates to subscribers
         whose local time is inside them; `timezone` is the zone of those who set none."""
@@ -79,10 +97,12 @@ class EmbeddedBackend(DispatchBackend):
             else None
         )
         self.tick_seconds = tick_seconds
+        self.on_broken = on_broken
         self.holder = new_holder_id()
         self._dispatcher: Dispatcher | None = None
         # One drive at a time per process: its dispatcher owns the channels' sessions.
         self._driving = asyncio.Lock()
+        self._reminders = asyncio.Event()
 
     def claim_lease(self) -> float | None:
         running = self._dispatcher is not None and self._dispatcher.accepting
@@ -107,6 +127,36 @@ class EmbeddedBackend(DispatchBackend):
             dispatcher.take(claimed)
         elif dispatcher is not None:
             dispatcher.wake()
+
+    def reminders_stored(self) -> None:
+        self._reminders.set()
+
+    async def fire_if_holder(self, fire_due: FireDue) -> bool:
+        """Fire due reminders if this process holds (or now takes) the scheduler lease;
+        whether it does."""
+        holds = await self.queue.acquire_lease(
+            SCHEDULER_LEASE, self.holder, self.settings.lease_seconds
+        )
+        if holds:
+            await fire_due()
+        return holds
+
+    async def run_reminders(self, fire_due: FireDue, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._reminders.clear()
+            try:
+                await self.fire_if_holder(fire_due)
+            except Exception:  # the store is busy or briefly gone: look again soon
+                log.exception("could not fire due reminders; retrying")
+            waits = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._reminders.wait()),
+            ]
+            await asyncio.wait(
+                waits, timeout=REMINDER_LOOK_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in waits:
+                waiter.cancel()
 
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
         # This process may already be driving (a `serve` running, or an earlier waiter
@@ -146,7 +196,11 @@ class EmbeddedBackend(DispatchBackend):
                         await self.queue.mark_healthy(list(self.channels))
                         stop = asyncio.Event()
                         self._dispatcher = Dispatcher(
-                            self.store, self.channels, self.settings, quiet=self.quiet
+                            self.store,
+                            self.channels,
+                            self.settings,
+                            quiet=self.quiet,
+                            on_broken=self.on_broken,
                         )
                         running = asyncio.create_task(self._dispatcher.run(stop))
                     elif holds:

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -36,6 +36,7 @@ log = logging.getLogger("broadcaster.dispatch")
 
 SEND_TIMEOUT_SECONDS = 60.0
 BROKEN_RECHECK_SECONDS = 2.0
+BrokenHook = Callable[[str, str], Awaitable[None]]
 REROUTE_SWEEP_SECONDS = 30.0  # a broken channel's queue is looked through at least this often
 RENDERS_KEPT = 1024  # (update, channel) renders kept in memory, least recently used out
 FANOUT_BATCH = 2000  # subscribers turned into deliveries per transaction
@@ -127,9 +128,13 @@ class Dispatcher:
         settings: DispatchSettings,
         *,
         quiet: QuietWindow | None = None,
+        on_broken: BrokenHook | None = None,
     ) -> None:
+        """`on_broken(channel, reason)` is run (in the background) when a channel is
+        found broken: the core tells the team."""
         self.store = store
         self.queue = DeliveryQueue(store)
+        self.on_broken = on_broken
         self.subscribers = SubscriberStore(store)
         self.channels = dict(channels)
         self.settings = settings
@@ -526,4 +531,9 @@ class Dispatcher:
                     state.unmarked = True  # marked by _while_broken, once re-routed
                 else:
                     await self.queue.mark_broken(name, broken)
+                if self.on_broken is not None:
+                    # In the background: telling the team must not hold up the outcomes.
+                    told = asyncio.ensure_future(self.on_broken(name, broken))
+                    self._sends.add(told)
+                    told.add_done_callback(self._sends.discard)
             state.wake.set()

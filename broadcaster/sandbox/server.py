@@ -7,6 +7,7 @@ the bits of HTTP they all speak (request parameters, Retry-After, a dropped conn
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
@@ -118,8 +119,11 @@ class SimulatorServer(ABC):
     # Stopping must not wait for a request scripted to be slow.
     stop_grace_seconds: ClassVar[float] = 0.5
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self._host, self._port = host, port
+        self._ssl = ssl_context  # set: it serves https (a test's certificate)
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
         self._thread: threading.Thread | None = None
@@ -142,12 +146,13 @@ class SimulatorServer(ABC):
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, self._host, self._port).start()
+            await web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl).start()
         except BaseException:
             await runner.cleanup()
             raise
         host, port = runner.addresses[0][:2]
-        self._runner, self._url = runner, f"http://{host}:{port}"
+        scheme = "https" if self._ssl is not None else "http"
+        self._runner, self._url = runner, f"{scheme}://{host}:{port}"
 
     async def stop(self) -> None:
         """Close the listening socket and any open connection."""

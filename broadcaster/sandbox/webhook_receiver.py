@@ -2,15 +2,17 @@
 
 `broadcaster demo`, drills and tests point webhook channels at it. It records every
 request, verifies Standard Webhooks signatures when given the secret, and follows a
-script per target: answer 429 with Retry-After, 5xx, 410, answer slowly, or drop the
-connection without answering. A test in another process (or the CLI) drives it over
-HTTP through `/_sim/*`.
+script per target: answer 429 with Retry-After, 5xx, 410, a redirect, answer slowly, or
+drop the connection without answering. It serves https when given an SSL context (a
+test's certificate). A test in another process (or the CLI) drives it over HTTP through
+`/_sim/*`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,6 +67,9 @@ class Behaviour(BaseModel):
     )
     delay: float = Field(default=0.0, ge=0, description="seconds to wait before answering")
     drop: bool = Field(default=False, description="close the connection without a response")
+    location: str | None = Field(
+        default=None, description="sent as the Location header (with a 3xx: a redirect)"
+    )
     times: int | None = Field(
         default=None,
         ge=1,
@@ -87,9 +92,14 @@ class WebhookReceiver(SimulatorServer):
     what: ClassVar[str] = "the webhook receiver"
 
     def __init__(
-        self, *, secret: str | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        *,
+        secret: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(host=host, port=port)
+        super().__init__(host=host, port=port, ssl_context=ssl_context)
         self._webhook = Webhook(secret) if secret else None
         # The server may run on another thread (start_in_thread): the default is
         # touched under this lock; the logs and scripts guard themselves.
@@ -245,6 +255,8 @@ class WebhookReceiver(SimulatorServer):
         response_headers = {}
         if behaviour.retry_after is not None:
             response_headers["Retry-After"] = retry_after_header(behaviour.retry_after)
+        if behaviour.location is not None:
+            response_headers["Location"] = behaviour.location
         if 200 <= behaviour.status < 300:
             payload: dict[str, Any] = {"ok": True}
         else:

@@ -34,6 +34,7 @@ from broadcaster.models import (
     Incident,
     NewSubscriber,
     Preview,
+    Reminder,
     Retraction,
     Subscriber,
     TemplateInfo,
@@ -315,6 +316,18 @@ def api_router(broadcaster: Broadcaster) -> APIRouter:
             settled=await broadcaster.settled(update_id),
             channels=await broadcaster.store.progress(update_ids=update_id),
         )
+
+    @router.get("/incidents/{incident_id}/reminders")
+    async def reminders(incident_id: IncidentId, _who: Reader) -> list[Reminder]:
+        """The incident's promised updates: each nudge and holding reminder, and its outcome."""
+        return await broadcaster.reminders(incident_id)
+
+    @router.get("/schedule")
+    async def schedule(
+        _who: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[Reminder]:
+        """What the scheduler fires next: nudges and holding updates, soonest first."""
+        return await broadcaster.schedule(limit=limit)
 
     # -- drafts ---------------------------------------------------------------------
 

@@ -7,10 +7,18 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from broadcaster.core import Broadcaster
-from broadcaster.models import DeliveryState
+from broadcaster.models import DeliveryState, ReminderKind, ReminderState
 
 # Incidents opened by an alert in this window are looked at for their first delivery.
 ALERT_WINDOW = timedelta(hours=6)
+# broadcaster_promised_updates{outcome} -> the reminders it counts
+PROMISE_OUTCOMES = {
+    "kept": (ReminderKind.HOLDING, ReminderState.KEPT),
+    "nudged": (ReminderKind.NUDGE, ReminderState.DONE),
+    "held": (ReminderKind.HOLDING, ReminderState.DONE),
+    "missed": (ReminderKind.HOLDING, ReminderState.MISSED),
+    "pending": (ReminderKind.HOLDING, ReminderState.PENDING),
+}
 
 
 class Metrics:
@@ -56,6 +64,14 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
             registry=self.registry,
         )
+        self.promises = Gauge(
+            "broadcaster_promised_updates",
+            "Promised updates (next_update_at) by outcome: kept (an update came in time), "
+            "nudged (the team was reminded), held (a holding update went out, was drafted or "
+            "the team was told), missed (late, or found past the grace), pending",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._observed: set[int] = set()  # incidents already in the histogram
         self.rate_limited = Counter(
             "broadcaster_rate_limited_requests",
@@ -83,6 +99,9 @@ class Metrics:
         oldest = await queue.oldest_due(except_channels=sorted(broken))
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         self.oldest_due.set(max(0.0, age))
+        reminders = await self.broadcaster.scheduler.reminders.counts()
+        for outcome, counted in PROMISE_OUTCOMES.items():
+            self.promises.labels(outcome).set(reminders.get(counted, 0))
         since = datetime.now(UTC) - ALERT_WINDOW
         latencies = await store.alert_to_first_delivery(since)
         for incident_id, seconds in latencies.items():

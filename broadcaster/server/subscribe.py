@@ -711,13 +711,14 @@ class SelfService:
             kind = kinds.get(name)
             if kind is None:
                 continue
-            address = mask(subscriber.email if kind is AddressKind.EMAIL else subscriber.phone)
-            label = strings["channel_email" if kind is AddressKind.EMAIL else "channel_sms"]
+            address = mask(subscriber.address(kind))
+            label = strings[_CHANNEL_LABELS[kind]]
             label = label.format(address=address) + (f" ({name})" if several[kind] else "")
-            # Texts again only through a new code (or START): the link proves the inbox.
+            # Back in only where they can prove the address again (a new SMS code,
+            # START, /subscribe): the link proves the inbox, nothing else.
             can_change = kind is AddressKind.EMAIL or subscribed
             if not can_change:
-                label = strings["sms_stopped"].format(address=address)
+                label = strings[_STOPPED_LABELS[kind]].format(address=address)
             page.channels.append(ChannelChoice(name, label, subscribed, can_change))
         if page.notice is None and not any(subscriber.channels.get(name) for name in kinds):
             page.notice = strings["all_stopped"]
@@ -814,6 +815,21 @@ class SelfService:
             extra={"outcome": "unsubscribed"},
         )
         return Response(status_code=200, headers={"Cache-Control": "no-store"})
+
+
+# The manage page's line for a channel, and for one stopped, by what it delivers to.
+_CHANNEL_LABELS = {
+    AddressKind.EMAIL: "channel_email",
+    AddressKind.PHONE: "channel_sms",
+    AddressKind.TELEGRAM: "channel_telegram",
+    AddressKind.WEBHOOK: "channel_webhook",
+}
+_STOPPED_LABELS = {
+    AddressKind.EMAIL: "channel_email",  # never: email can always be changed here
+    AddressKind.PHONE: "sms_stopped",
+    AddressKind.TELEGRAM: "telegram_stopped",
+    AddressKind.WEBHOOK: "webhook_stopped",
+}
 
 
 def _mailbox(kind: AddressKind, address: str) -> str:

@@ -65,8 +65,13 @@ _EN: dict[str, str] = {
     "manage_channels": "Messages",
     "channel_email": "By email to {address}",
     "channel_sms": "By text message to {address}",
+    "channel_telegram": "On Telegram",
+    "channel_webhook": "To your webhook at {address}",
     "sms_stopped": "Text messages to {address} are stopped. To receive them again, "
     "subscribe with the form or text START to the number they came from.",
+    "telegram_stopped": "Telegram messages are stopped. To receive them again, send "
+    "/subscribe to our bot.",
+    "webhook_stopped": "Posts to your webhook at {address} are stopped.",
     "save": "Save",
     "unsubscribe_all": "Stop all messages",
     "saved": "Your choices are saved.",
@@ -153,8 +158,13 @@ _FR: dict[str, str] = {
     "manage_channels": "Messages",
     "channel_email": "Par e-mail à {address}",
     "channel_sms": "Par SMS au {address}",
+    "channel_telegram": "Sur Telegram",
+    "channel_webhook": "Vers votre webhook {address}",
     "sms_stopped": "Les SMS au {address} sont arrêtés. Pour en recevoir à nouveau, "
     "abonnez-vous avec le formulaire ou envoyez START au numéro d'où ils venaient.",
+    "telegram_stopped": "Les messages Telegram sont arrêtés. Pour en recevoir à nouveau, "
+    "envoyez /subscribe à notre bot.",
+    "webhook_stopped": "Les envois vers votre webhook {address} sont arrêtés.",
     "save": "Enregistrer",
     "unsubscribe_all": "Arrêter tous les messages",
     "saved": "Vos choix sont enregistrés.",

@@ -52,6 +52,7 @@ from broadcaster.store.engine import (
     ensure_schema,
     is_sqlite,
 )
+from broadcaster.store.reminders import Wanted, cancel_reminders_of, settle_promises
 from broadcaster.store.tables import (
     AUDIT,
     DELIVERIES,
@@ -156,6 +157,11 @@ class PublishPlan:
     # long) and listed in `claimed`, so they go out without a claim transaction.
     claim_lease_seconds: float | None = None
     claimed: list[Claimed] = field(default_factory=list)
+    # The reminders this update's promise (next_update_at) asks for; they replace the
+    # incident's pending ones, in the update's transaction (see store/reminders.py).
+    reminders: list[Wanted] = field(default_factory=list)
+    keeps_reminder: int | None = None  # a due reminder this update answers
+    opened_at: datetime | None = None  # when the incident opened (None: by this update)
 
 
 class DraftChangedError(BroadcasterError):
@@ -327,6 +333,7 @@ def delivery_model(row: DeliveryRow) -> Delivery:
         last_error=row.last_error,
         created_at=row.created_at,
         updated_at=row.updated_at or row.created_at,
+        sent_at=row.sent_at,
     )
 
 
@@ -684,6 +691,9 @@ class Store:
             plan.claimed = [Claimed(*r) for r in conn.execute(returning, deliveries)]
         elif deliveries:
             conn.execute(insert(DELIVERIES), deliveries)
+        settle_promises(
+            conn, incident_id, update_id, plan.reminders, now=now, answers=plan.keeps_reminder
+        )
         if plan.release_draft is not None:
             # In the same transaction as the update: a held draft goes out at most once,
             # and never after it was cancelled (a re-fire) by this or another process.
@@ -775,6 +785,7 @@ class Store:
                 .values(retracted_at=now, cancelled_at=func.coalesce(UPDATES.c.cancelled_at, now))
             )
             _restore_incident(conn, row.incident_id)
+            cancel_reminders_of(conn, update_id, why=f"update #{update_id} retracted", now=now)
             conn.execute(
                 update(DELIVERIES)
                 .where(
@@ -1223,6 +1234,11 @@ class Store:
                 .values(state=DeliveryState.CANCELLED.value, updated_at=now)
             )
             cancelled: int = result.rowcount  # type: ignore[attr-defined]
+            await session.run_sync(
+                lambda s: cancel_reminders_of(
+                    s.connection(), update_id, why=f"update #{update_id} cancelled", now=now
+                )
+            )
             session.add(
                 _audit_row(
                     now, actor, "cancel", row.incident_id, update_id, {"cancelled": cancelled}

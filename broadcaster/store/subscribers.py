@@ -235,21 +235,75 @@ class SubscriberStore:
         *,
         subscribed: bool,
         source: str,
+        actor: str | None = None,
     ) -> int | None:
         """Opt the subscriber with this address in or out of a channel (STOP/START,
-        unsubscribe links); their id, or None when nobody has that address."""
+        unsubscribe links); their id, or None when nobody has that address. With
+        `actor`, the audit trail records the change (by id: never the address)."""
         column = address_column(kind)
 
         def change(session: Session) -> int | None:
             conn = session.connection()
             found = conn.scalar(select(SUBSCRIBERS.c.id).where(column == address))
             if found is not None:
-                _subscribe(
-                    conn, found, [channel], subscribed=subscribed, source=source, now=utcnow()
-                )
+                now = utcnow()
+                _subscribe(conn, found, [channel], subscribed=subscribed, source=source, now=now)
+                if actor is not None:
+                    action = "subscriber.opt_in" if subscribed else "subscriber.opt_out"
+                    detail = {"subscriber": found, "channel": channel}
+                    _audit(conn, actor, action, detail, now=now)
             return found
 
         return await self.store.write_session(change)
+
+    async def subscribe_address(
+        self,
+        channel: str,
+        kind: AddressKind,
+        address: str,
+        *,
+        language: str,
+        components: Sequence[str] | None,
+        source: str,
+        actor: str,
+    ) -> tuple[Subscriber, bool]:
+        """A person asking for a channel's updates at this address themselves (Telegram
+        /subscribe): a new subscriber, or the one with that address given this language
+        and these components and opted in again (their own request ends an opt-out);
+        (subscriber, created). Audited by id, never by address."""
+        column = address_column(kind)
+
+        def subscribe(session: Session) -> tuple[Subscriber, bool]:
+            conn = session.connection()
+            now = utcnow()
+            followed = list(components) if components is not None else None
+            values = {"language": language, "components": followed}
+            found = conn.scalar(select(SUBSCRIBERS.c.id).where(column == address))
+            created = found is None
+            if found is None:
+                found = conn.execute(
+                    insert(SUBSCRIBERS)
+                    .values(**values, **{column.name: address}, created_at=now)
+                    .returning(SUBSCRIBERS.c.id)
+                ).scalar_one()
+            else:
+                conn.execute(
+                    update(SUBSCRIBERS)
+                    .where(SUBSCRIBERS.c.id == found)
+                    .values(**values, updated_at=now)
+                )
+            subscriber_id = int(found)
+            _subscribe(conn, subscriber_id, [channel], subscribed=True, source=source, now=now)
+            detail = {"subscriber": subscriber_id, "channel": channel, "components": followed}
+            action = "subscriber.add" if created else "subscriber.opt_in"
+            _audit(conn, actor, action, detail, now=now)
+            return _get(conn, subscriber_id), created
+
+        try:
+            return await self.store.write_session(subscribe)
+        except IntegrityError:
+            # The same person's /subscribe twice at once: the other one inserted them.
+            return await self.store.write_session(subscribe)
 
     async def set_subscription(
         self,

@@ -201,6 +201,29 @@ class ChannelHealthRow(Base):
     broken_at: Mapped[datetime | None]
 
 
+class ReminderRow(Base):
+    """A due time of an incident's promised update (a nudge, a holding update): stored
+    with the update that promised it, so a restart fires what came due meanwhile, and
+    unique per (incident, kind, time), so nothing fires twice for one due time."""
+
+    __tablename__ = "reminders"
+    __table_args__ = (
+        UniqueConstraint("incident_id", "kind", "due_at", name="uq_reminders_due"),
+        Index("ix_reminders_state_due", "state", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id"))
+    update_id: Mapped[int] = mapped_column(ForeignKey("updates.id"))
+    kind: Mapped[str] = mapped_column(String(20))
+    due_at: Mapped[datetime]
+    promised_at: Mapped[datetime]
+    state: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime]
+    fired_at: Mapped[datetime | None]
+    outcome: Mapped[str | None] = mapped_column(Text)
+
+
 class SubscriberRow(Base):
     """A person who asked to be told. Their addresses live here only: deliveries name the
     subscriber by id, so erasing this row erases them."""
@@ -291,6 +314,7 @@ RENDERS = cast(Table, RenderRow.__table__)
 AUDIT = cast(Table, AuditRow.__table__)
 DRAFTS = cast(Table, DraftRow.__table__)
 SUBSCRIBERS = cast(Table, SubscriberRow.__table__)
+REMINDERS = cast(Table, ReminderRow.__table__)
 SUBSCRIPTIONS = cast(Table, SubscriptionRow.__table__)
 FANOUTS = cast(Table, FanoutRow.__table__)
 PENDING_SUBSCRIPTIONS = cast(Table, PendingSubscriptionRow.__table__)
