@@ -96,6 +96,9 @@ def request_for(
         components=route.components if status is not IncidentStatus.RESOLVED else {},
         fields=fields if status is not IncidentStatus.RESOLVED else {},
         channels=route.channels,
+        next_update_at=datetime.now(UTC) + route.next_update_in
+        if route.next_update_in is not None and status is not IncidentStatus.RESOLVED
+        else None,
         publish_key=f"{episode_key}|{event.status}",
         actor=f"{event.source}:{route.name}",
     )

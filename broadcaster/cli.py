@@ -21,6 +21,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from broadcaster.config import Playbook
     from broadcaster.core import Broadcaster, PublishResult
     from broadcaster.models import ChannelProgress, Draft, Subscriber, UpdateRequest
     from broadcaster.operations import Operations
@@ -43,6 +44,11 @@ subscribers_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(subscribers_app, name="subscribers")
+playbook_app = typer.Typer(
+    help="Emergency protocols: a pre-approved update fired in one command, or rehearsed.",
+    no_args_is_help=True,
+)
+app.add_typer(playbook_app, name="playbook")
 
 _state: dict[str, Any] = {"config": None, "server": None}
 
@@ -494,6 +500,67 @@ def list_drafts(as_json: AsJson = False) -> None:
             else "when approved",
         )
     console().print(table if drafts else "no drafts waiting")
+
+
+PlaybookName = Annotated[str, typer.Argument(metavar="NAME", help="A playbook of the config")]
+
+
+async def _playbook(b: Operations, name: str) -> Playbook:
+    from broadcaster.errors import NotFoundError
+
+    playbooks = await b.playbooks()
+    if name not in playbooks:
+        known = ", ".join(playbooks) or "none — add [playbooks.NAME] to the config"
+        raise NotFoundError(f"no playbook '{name}' — configured: {known}")
+    return playbooks[name]
+
+
+@playbook_app.command("list")
+def playbook_list(as_json: AsJson = False) -> None:
+    """The configured emergency protocols."""
+    from rich.table import Table
+
+    playbooks = run(lambda b: b.playbooks())
+    if as_json:
+        _print_json({n: p.model_dump(mode="json") for n, p in playbooks.items()})
+        return
+    table = Table()
+    for column in ("playbook", "what for", "title", "impact", "channels", "next update"):
+        table.add_column(column)
+    for name, p in playbooks.items():
+        promise = p.next_update_in
+        table.add_row(
+            name,
+            p.description,
+            p.title,
+            p.impact.value,
+            ", ".join(p.channels) if p.channels else "default channels",
+            f"in {int(promise.total_seconds() // 60)} min" if promise else "-",
+        )
+    console().print(table if playbooks else "no playbooks: add [playbooks.NAME] to the config")
+
+
+@playbook_app.command("run")
+def playbook_run(
+    name: PlaybookName,
+    set_: Fields = None,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    no_wait: NoWait = False,
+    as_json: AsJson = False,
+) -> None:
+    """Open an incident with the playbook's pre-approved update, on all its channels at
+    once, after one confirmation (--dry-run shows it first)."""
+    fields = _pairs(set_, "--set")
+
+    async def work(b: Operations) -> None:
+        playbook = await _playbook(b, name)
+        request = playbook.request(actor=actor(), now=datetime.now(UTC), fields=fields)
+        await _publish_flow(
+            b, request, None, dry_run=dry_run, yes=yes, wait=not no_wait, as_json=as_json
+        )
+
+    run(work)
 
 
 @app.command("schedule")

@@ -10,7 +10,8 @@ import ipaddress
 import os
 import re
 import tomllib
-from datetime import time, timedelta
+from collections.abc import Mapping
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,7 +32,7 @@ from pydantic_settings import (
 )
 
 from broadcaster.errors import ConfigError
-from broadcaster.models import ComponentState, Impact, TimeZoneName
+from broadcaster.models import ComponentState, Impact, IncidentStatus, TimeZoneName, UpdateRequest
 from broadcaster.secrets import SecretRef
 
 CONFIG_FILE_NAME = "broadcaster.toml"
@@ -273,11 +274,19 @@ class Route(BaseModel):
     match: dict[str, str] = Field(
         default_factory=dict, description="label = value; all must equal the alert's"
     )
-    title: str = Field(description="the public title of the incident")
+    playbook: str | None = Field(
+        default=None,
+        description="an emergency protocol (playbooks.NAME) giving the title, template, "
+        "impact, components, channels, fields and promise this route does not set itself",
+    )
+    title: str | None = Field(default=None, description="the public title of the incident")
     template: str | None = None
     impact: Impact | None = None
     components: dict[str, ComponentState] = Field(default_factory=dict)
     channels: list[str] | None = None
+    next_update_in: Duration | None = Field(
+        default=None, description="the promise of the next update its updates make"
+    )
     action: Literal["draft", "publish"] = Field(
         default="draft", description="draft: held for a human to approve (alert text is internal)"
     )
@@ -485,6 +494,43 @@ class CadenceSettings(BaseModel):
     )
 
 
+class Playbook(BaseModel):
+    """An emergency protocol: a pre-approved first update (template, components, impact,
+    channels, text) and its promise of the next one, fired in one command
+    (`broadcaster playbook run NAME`) or by a monitoring route (`playbook = NAME`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    title: str = Field(description="the public title of the incident it opens")
+    status: Literal["investigating", "identified", "monitoring"] = "investigating"
+    template: str | None = Field(default=None, description="default: the status's")
+    impact: Impact = Impact.CRITICAL
+    components: dict[str, ComponentState] = Field(default_factory=dict)
+    fields: dict[str, str] = Field(default_factory=dict, description="the pre-approved text")
+    channels: list[str] | None = Field(default=None, description="default: default_channels")
+    next_update_in: Duration | None = Field(
+        default=timedelta(minutes=30),
+        description="the promise of the first update; the cadence policy keeps it",
+    )
+
+    def request(
+        self, *, actor: str, now: datetime, fields: Mapping[str, str] | None = None
+    ) -> UpdateRequest:
+        """The update this playbook publishes now (`fields` add to or replace its own)."""
+        return UpdateRequest(
+            status=IncidentStatus(self.status),
+            template=self.template,
+            title=self.title,
+            impact=self.impact,
+            components=dict(self.components),
+            fields={**self.fields, **(fields or {})},
+            next_update_at=now + self.next_update_in if self.next_update_in else None,
+            channels=self.channels,
+            actor=actor,
+        )
+
+
 class Settings(BaseSettings):
     """Everything broadcaster.toml can say; BROADCASTER_* environment variables override it."""
 
@@ -510,6 +556,7 @@ class Settings(BaseSettings):
     hooks: HookSettings = Field(default_factory=HookSettings)
     subscribers: SubscriberSettings = Field(default_factory=SubscriberSettings)
     cadence: CadenceSettings = Field(default_factory=CadenceSettings)
+    playbooks: dict[str, Playbook] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
     config_path: Path | None = Field(default=None, exclude=True)
 
@@ -524,6 +571,51 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file is passed as init values; the environment must win over it.
         return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _routes_take_their_playbook(self) -> Settings:
+        """A route naming a playbook takes from it what the route does not set."""
+        for index, route in enumerate(self.routes):
+            if route.playbook is None:
+                if route.title is None:
+                    raise ValueError(f"routes[{index}] ({route.name}): title is required")
+                continue
+            playbook = self.playbooks.get(route.playbook)
+            if playbook is None:
+                raise ValueError(
+                    f"routes[{index}] ({route.name}): unknown playbook '{route.playbook}' — "
+                    f"configured: {', '.join(self.playbooks) or 'none'}"
+                )
+            given = route.model_fields_set
+            taken: dict[str, Any] = {
+                name: getattr(playbook, name)
+                for name in ("title", "template", "impact", "components", "channels")
+                if name not in given
+            }
+            taken["fields"] = {**playbook.fields, **route.fields}
+            if "next_update_in" not in given:
+                taken["next_update_in"] = playbook.next_update_in
+            self.routes[index] = route.model_copy(update=taken)
+        return self
+
+    @model_validator(mode="after")
+    def _playbooks_name_what_exists(self) -> Settings:
+        for name, playbook in self.playbooks.items():
+            unknown = [
+                c for c in playbook.components if self.components and c not in self.components
+            ]
+            if unknown:
+                raise ValueError(
+                    f"playbooks.{name}: unknown component '{unknown[0]}' — configured: "
+                    f"{', '.join(self.components)}"
+                )
+            missing = [c for c in playbook.channels or [] if c not in self.channels]
+            if missing:
+                raise ValueError(
+                    f"playbooks.{name}: unknown channel '{missing[0]}' — configured: "
+                    f"{', '.join(self.channels) or 'none'}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _routes_name_what_exists(self) -> Settings:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from broadcaster.adapters import build_channels
 from broadcaster.alerts import AlertIntake
 from broadcaster.audience import Audience
-from broadcaster.config import Settings, load_settings
+from broadcaster.config import Playbook, Settings, load_settings
 from broadcaster.dispatch import DispatchBackend, EmbeddedBackend
 from broadcaster.errors import BroadcasterError, CheckFailedError, NotFoundError
 from broadcaster.models import (
@@ -668,6 +668,10 @@ class Broadcaster:
     async def schedule(self, *, limit: int = 100) -> list[Reminder]:
         """What the scheduler fires next (pending reminders, soonest first)."""
         return await self.scheduler.reminders.upcoming(limit=limit)
+
+    async def playbooks(self) -> dict[str, Playbook]:
+        """The configured emergency protocols, by name."""
+        return dict(self.settings.playbooks)
 
     async def reminders(self, incident_id: int) -> list[Reminder]:
         """Every reminder of an incident and what became of it (promises kept, missed)."""

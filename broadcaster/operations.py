@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from broadcaster.config import Playbook
     from broadcaster.core import DoctorCheck, PublishResult
     from broadcaster.models import (
         AuditEntry,
@@ -89,6 +90,8 @@ class Operations(Protocol):
     async def schedule(self, *, limit: int = 100) -> list[Reminder]: ...
 
     async def reminders(self, incident_id: int) -> list[Reminder]: ...
+
+    async def playbooks(self) -> dict[str, Playbook]: ...
 
     async def templates(self) -> list[TemplateInfo]: ...
 

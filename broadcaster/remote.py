@@ -16,6 +16,7 @@ from urllib.parse import quote
 import aiohttp
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from broadcaster.config import Playbook
 from broadcaster.core import DoctorCheck, PublishResult
 from broadcaster.errors import BroadcasterError, CheckFailedError, NotFoundError
 from broadcaster.models import (
@@ -222,6 +223,9 @@ class RemoteBroadcaster:
 
     async def schedule(self, *, limit: int = 100) -> list[Reminder]:
         return await self._call("GET", "/schedule", list[Reminder], params=[("limit", str(limit))])
+
+    async def playbooks(self) -> dict[str, Playbook]:
+        return await self._call("GET", "/playbooks", dict[str, Playbook])
 
     async def reminders(self, incident_id: int) -> list[Reminder]:
         return await self._call("GET", f"/incidents/{incident_id}/reminders", list[Reminder])

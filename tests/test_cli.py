@@ -697,3 +697,73 @@ def test_schedule_shows_the_nudge_and_the_holding_update_a_promise_makes(cli: Cl
     assert nudge["promised_at"] == holding["promised_at"] == holding["due_at"]
     cli.ok("resolve", "1", "--yes")
     assert cli.json("schedule") == []
+
+
+TOTAL_OUTAGE = {
+    "description": "Everything is down",
+    "title": "Example Co. is down",
+    "impact": "critical",
+    "components": {"api": "major_outage", "app": "major_outage"},
+    "fields": {"summary": "Our app and API are down. We are on it."},
+    "next_update_in": "30m",
+}
+
+
+def test_a_playbook_fires_its_pre_approved_update_after_one_confirmation(
+    tmp_path: Path, thread_receiver: WebhookReceiver
+) -> None:
+    cli = Cli(write_config(tmp_path, thread_receiver, playbooks={"total-outage": TOTAL_OUTAGE}))
+    listed = cli.ok("playbook", "list").stdout
+    assert "total-outage" in listed and "Everything is down" in listed and "in 30 min" in listed
+
+    shown = cli.ok("playbook", "run", "total-outage", "--dry-run").stdout
+    assert "Our app and API are down. We are on it." in shown
+    assert thread_receiver.attempts == [] and cli.json("incidents") == []
+    assert_one_line_error(cli("playbook", "run", "total-outage"), "pass --yes")
+
+    cli.ok("playbook", "run", "total-outage", "--yes", "--set", "summary=Down since 14:00.")
+    (incident,) = cli.json("incidents")
+    assert (incident["title"], incident["impact"]) == ("Example Co. is down", "critical")
+    assert len(thread_receiver.received) == len(PARTNERS)
+    assert "Down since 14:00." in json.dumps(thread_receiver.received[0].body)
+    assert [r["kind"] for r in cli.json("schedule")] == ["nudge", "holding"]
+    assert_one_line_error(cli("playbook", "run", "nope", "--yes"), "no playbook 'nope'")
+
+
+def test_a_route_naming_a_playbook_takes_what_it_does_not_set(tmp_path: Path) -> None:
+    from broadcaster.config import Settings
+
+    settings = Settings(
+        components={"api": "API", "app": "App"},
+        channels={"page": {"type": "banner", "output": "public"}},
+        playbooks={"total-outage": TOTAL_OUTAGE},
+        routes=[
+            {
+                "name": "down",
+                "match": {"alertname": "SiteDown"},
+                "playbook": "total-outage",
+                "action": "publish",
+                "fields": {"eta": "soon"},
+            },
+        ],
+    )
+    (route,) = settings.routes
+    assert route.title == "Example Co. is down" and route.impact == "critical"
+    assert route.fields == {**TOTAL_OUTAGE["fields"], "eta": "soon"}
+    assert route.next_update_in is not None and route.next_update_in.total_seconds() == 1800
+    from datetime import UTC, datetime, timedelta
+
+    from broadcaster.alerts import AlertEvent, request_for
+    from broadcaster.models import IncidentStatus
+
+    event = AlertEvent(source="alertmanager", group="g", status="firing",
+                       started_at=datetime.now(UTC), labels={"alertname": "SiteDown"})  # fmt: skip
+    request = request_for(route, event, IncidentStatus.INVESTIGATING, "g")
+    assert request.next_update_at is not None
+    promised = request.next_update_at - datetime.now(UTC)
+    assert timedelta(minutes=29) < promised <= timedelta(minutes=30)
+    assert request_for(route, event, IncidentStatus.RESOLVED, "g").next_update_at is None
+    with pytest.raises(ValueError, match="unknown playbook 'nope'"):
+        Settings(routes=[{"name": "x", "playbook": "nope"}])
+    with pytest.raises(ValueError, match="title is required"):
+        Settings(routes=[{"name": "x"}])

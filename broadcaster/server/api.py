@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from broadcaster.config import Playbook
 from broadcaster.core import Broadcaster, DoctorCheck, PublishResult
 from broadcaster.errors import BroadcasterError, CheckFailedError, NotFoundError
 from broadcaster.models import (
@@ -321,6 +322,11 @@ def api_router(broadcaster: Broadcaster) -> APIRouter:
     async def reminders(incident_id: IncidentId, _who: Reader) -> list[Reminder]:
         """The incident's promised updates: each nudge and holding reminder, and its outcome."""
         return await broadcaster.reminders(incident_id)
+
+    @router.get("/playbooks")
+    async def playbooks(_who: Reader) -> dict[str, Playbook]:
+        """The configured emergency protocols, by name."""
+        return await broadcaster.playbooks()
 
     @router.get("/schedule")
     async def schedule(
