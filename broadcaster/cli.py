@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from broadcaster.config import Playbook
     from broadcaster.core import Broadcaster, PublishResult
+    from broadcaster.drill import DrillReport
     from broadcaster.models import ChannelProgress, Draft, Subscriber, UpdateRequest
     from broadcaster.operations import Operations
 
@@ -506,9 +507,12 @@ PlaybookName = Annotated[str, typer.Argument(metavar="NAME", help="A playbook of
 
 
 async def _playbook(b: Operations, name: str) -> Playbook:
+    return _find_playbook(await b.playbooks(), name)
+
+
+def _find_playbook(playbooks: dict[str, Playbook], name: str) -> Playbook:
     from broadcaster.errors import NotFoundError
 
-    playbooks = await b.playbooks()
     if name not in playbooks:
         known = ", ".join(playbooks) or "none — add [playbooks.NAME] to the config"
         raise NotFoundError(f"no playbook '{name}' — configured: {known}")
@@ -561,6 +565,68 @@ def playbook_run(
         )
 
     run(work)
+
+
+@playbook_app.command("drill")
+def playbook_drill(
+    name: PlaybookName,
+    folder: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Keep the drill's config, store and site here (default: a temporary "
+            "folder, removed).",
+        ),
+    ] = None,
+    subscribers: Annotated[
+        int,
+        typer.Option(
+            "--subscribers",
+            min=1,
+            max=100_000,
+            metavar="N",
+            help="Made-up subscribers per subscriber channel (never your real list).",
+        ),
+    ] = 20,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", min=1, metavar="SECONDS", help="Give up waiting after this."),
+    ] = 300.0,
+    as_json: AsJson = False,
+) -> None:
+    """Rehearse the playbook with every channel redirected to local simulators: nothing
+    real is sent. Prints how long each channel took; exits 1 if one did not deliver."""
+    if _state["server"] is not None:
+        raise fail(
+            "playbook drill works on the local config: run it where broadcaster.toml is, "
+            "without --server or BROADCASTER_URL"
+        )
+    from broadcaster.errors import BroadcasterError
+
+    async def work() -> DrillReport:
+        from broadcaster.config import load_settings
+        from broadcaster.drill import run_drill
+
+        settings = load_settings(_state["config"])
+        playbook = _find_playbook(settings.playbooks, name)
+        return await run_drill(
+            settings,
+            name,
+            playbook,
+            folder=folder.resolve() if folder else None,
+            subscribers=subscribers,
+            timeout=timeout,
+            console=None if as_json else console(),
+        )
+
+    report = run_async(work(), BroadcasterError)
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    else:
+        from broadcaster.drill import print_report
+
+        print_report(report, console())
+    raise typer.Exit(0 if report.passed else 1)
 
 
 @app.command("schedule")

@@ -14,14 +14,12 @@ email (a local SMTP server), in their language (`demo_audience`).
 
 from __future__ import annotations
 
-import base64
-import os
-import secrets
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 from rich.console import Console
@@ -44,18 +42,75 @@ from broadcaster.sandbox import (
     SlackWebApi,
     WebhookReceiver,
 )
-from broadcaster.sandbox.mastodon import DEFAULT_TOKEN as MASTODON_TOKEN
-from broadcaster.sandbox.slack import DEFAULT_TOKEN as SLACK_TOKEN
+from broadcaster.sandbox.stand_ins import SecretFiles, SmsStandIn, StandIn, stand_in_for
 from broadcaster.views import failures_table, preview_view, progress_table, watch_deliveries
 
 PARTNERS = 24
 SLACK_CHANNEL = "C0VOLTSTATUS"
 COMMS_CHANNEL = "C0VOLTCOMMS"  # the comms team's own channel: nudges land there
 TELEGRAM_CHAT = FakeChat(id=-1001234567890, title="VoltCharge status", username="voltcharge")
-TELEGRAM_TOKEN = "123456:demo-token"
 BLUESKY_HANDLE = "status.voltcharge.example"
-BLUESKY_PASSWORD = "demo-demo-demo-demo"
 CORRECTED = -1  # stands for "the update before this one" in the steps below
+FAST_RETRIES = {"backoff_seconds": 0.3, "backoff_max_seconds": 2.0, "deadline_seconds": 20}
+
+
+def _channels() -> dict[str, dict[str, Any]]:
+    """The demo's channels as a person writes them for the real providers (secrets from
+    the environment); `_on_simulators` points each at its simulator."""
+    fast = FAST_RETRIES
+    return {
+        "status-page": {"type": "banner", "languages": ["en", "fr"], "output": "public"},
+        "partners": {
+            "type": "webhook",
+            "languages": ["en", "fr"],
+            "targets": [
+                {"name": f"partner-{i:02d}", "url": f"https://partner-{i:02d}.example/incidents"}
+                for i in range(1, PARTNERS + 1)
+            ],
+            "secret": {"env": "PARTNERS_WEBHOOK_SECRET"},
+            **fast,
+        },
+        "slack": {
+            "type": "slack",
+            "token": {"env": "SLACK_BOT_TOKEN"},
+            "channels": [SLACK_CHANNEL],
+            **fast,
+        },
+        "telegram": {
+            "type": "telegram",
+            "token": {"env": "TELEGRAM_BOT_TOKEN"},
+            "chats": [TELEGRAM_CHAT.id],
+            "languages": ["en", "fr"],
+            **fast,
+        },
+        "bluesky": {
+            "type": "bluesky",
+            "handle": BLUESKY_HANDLE,
+            "app_password": {"env": "BLUESKY_APP_PASSWORD"},
+            **fast,
+        },
+        "mastodon": {
+            "type": "mastodon",
+            "base_url": "https://mastodon.example",
+            "access_token": {"env": "MASTODON_TOKEN"},
+            **fast,
+        },
+        "discord": {
+            "type": "discord",
+            "webhook_url": {"env": "DISCORD_WEBHOOK_URL"},
+            "username": "VoltCharge status",
+            **fast,
+        },
+        "teams": {"type": "teams", "webhook_url": {"env": "TEAMS_WEBHOOK_URL"}, **fast},
+        # Not among default_channels: the team's own, told by the scheduler.
+        "comms": {
+            "type": "slack",
+            "token": {"env": "SLACK_BOT_TOKEN"},
+            "channels": [COMMS_CHANNEL],
+            **fast,
+        },
+        **audience.channels(fast),
+    }
 
 
 @dataclass
@@ -69,15 +124,47 @@ class Simulators:
     mastodon: FakeMastodon
     discord: FakeDiscord
     teams: FakeTeamsWorkflow
-    teams_url: str
     twilio: FakeTwilio
     smtp: FakeSmtp
     app_port: int  # the demo's own app, where Twilio's receipts come back
 
 
-def _write_config(folder: Path, sims: Simulators) -> Path:
-    receiver = sims.receiver
-    fast_retries = {"backoff_seconds": 0.3, "backoff_max_seconds": 2.0, "deadline_seconds": 20}
+async def _on_simulators(
+    running: AsyncExitStack, folder: Path, channels: dict[str, dict[str, Any]]
+) -> tuple[Simulators, dict[str, dict[str, Any]]]:
+    """One simulator per provider (both Slack channels in one workspace), started, and
+    the channels' configs pointed at them, with their secrets in owner-only files."""
+    # Twilio's signed receipts come back to the demo's own app.
+    stand_ins: dict[str, StandIn[Any]] = {"sms": SmsStandIn(receipts=True)}
+    for name, config in channels.items():
+        kind = str(config["type"])
+        stand_in = stand_ins.get(kind) or stand_ins.setdefault(kind, _stand_in(kind))
+        stand_in.expect(name, config)
+    simulator = {kind: await s.start(running) for kind, s in stand_ins.items()}
+    files = SecretFiles(folder)
+    pointed = {name: stand_ins[str(c["type"])].point(name, files) for name, c in channels.items()}
+    sims = Simulators(
+        receiver=simulator["webhook"],
+        slack=simulator["slack"],
+        telegram=simulator["telegram"],
+        bluesky=simulator["bluesky"],
+        mastodon=simulator["mastodon"],
+        discord=simulator["discord"],
+        teams=simulator["teams"],
+        twilio=simulator["sms"],
+        smtp=simulator["email"],
+        app_port=audience.free_port(),
+    )
+    return sims, pointed
+
+
+def _stand_in(kind: str) -> StandIn[Any]:
+    stand_in = stand_in_for(kind)
+    assert stand_in is not None, kind  # the demo uses built-in channel types only
+    return stand_in
+
+
+def _write_config(folder: Path, channels: dict[str, dict[str, Any]], app_port: int) -> Path:
     config = {
         "store": "sqlite:///broadcaster.db",
         "page_title": "VoltCharge status",
@@ -96,69 +183,9 @@ def _write_config(folder: Path, sims: Simulators) -> Path:
             "email",
         ],
         "components": {"app": "Mobile app", "api": "Charging API", "website": "Website"},
-        "channels": {
-            "status-page": {"type": "banner", "languages": ["en", "fr"], "output": "public"},
-            "partners": {
-                "type": "webhook",
-                "languages": ["en", "fr"],
-                "targets": [
-                    {"name": f"partner-{i:02d}", "url": receiver.target(f"partner-{i:02d}")}
-                    for i in range(1, PARTNERS + 1)
-                ],
-                "secret": {"file": "webhook-secret"},
-                **fast_retries,
-            },
-            "slack": {
-                "type": "slack",
-                "token": {"file": "secrets/slack-token"},
-                "channels": [SLACK_CHANNEL],
-                "base_url": sims.slack.api_url,
-                **fast_retries,
-            },
-            "telegram": {
-                "type": "telegram",
-                "token": {"file": "secrets/telegram-token"},
-                "chats": [TELEGRAM_CHAT.id],
-                "languages": ["en", "fr"],
-                "base_url": sims.telegram.url,
-                **fast_retries,
-            },
-            "bluesky": {
-                "type": "bluesky",
-                "handle": BLUESKY_HANDLE,
-                "app_password": {"file": "secrets/bluesky-app-password"},
-                "base_url": sims.bluesky.url,
-                **fast_retries,
-            },
-            "mastodon": {
-                "type": "mastodon",
-                "base_url": sims.mastodon.url,
-                "access_token": {"file": "secrets/mastodon-token"},
-                **fast_retries,
-            },
-            "discord": {
-                "type": "discord",
-                "webhook_url": {"file": "secrets/discord-webhook-url"},
-                "username": "VoltCharge status",
-                **fast_retries,
-            },
-            "teams": {
-                "type": "teams",
-                "webhook_url": {"file": "secrets/teams-webhook-url"},
-                **fast_retries,
-            },
-            # Not among default_channels: the team's own, told by the scheduler.
-            "comms": {
-                "type": "slack",
-                "token": {"file": "secrets/slack-token"},
-                "channels": [COMMS_CHANNEL],
-                "base_url": sims.slack.api_url,
-                **fast_retries,
-            },
-            **audience.channels(sims.twilio, sims.smtp, fast_retries),
-        },
+        "channels": channels,
         "cadence": {"notify": ["comms"]},
-        "serve": {"public_url": f"http://127.0.0.1:{sims.app_port}"},
+        "serve": {"public_url": f"http://127.0.0.1:{app_port}"},
     }
     path = folder / "broadcaster.toml"
     path.write_text(
@@ -168,63 +195,25 @@ def _write_config(folder: Path, sims: Simulators) -> Path:
     return path
 
 
-def _fresh_folder(folder: Path) -> str:
+def _fresh_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("broadcaster.db", "broadcaster.db-wal", "broadcaster.db-shm"):
         (folder / name).unlink(missing_ok=True)
-    (folder / "secrets").mkdir(exist_ok=True)
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-
-
-def _write_secrets(folder: Path, webhook_secret: str, sims: Simulators) -> None:
-    """What a real deployment keeps out of broadcaster.toml, in owner-only files."""
-    for name, value in (
-        ("webhook-secret", webhook_secret),
-        ("secrets/slack-token", SLACK_TOKEN),
-        ("secrets/telegram-token", TELEGRAM_TOKEN),
-        ("secrets/bluesky-app-password", BLUESKY_PASSWORD),
-        ("secrets/mastodon-token", MASTODON_TOKEN),
-        ("secrets/discord-webhook-url", sims.discord.webhook_url),
-        ("secrets/teams-webhook-url", sims.teams_url),
-        *audience.SECRETS.items(),
-    ):
-        path = folder / name
-        path.write_text(value)
-        os.chmod(path, 0o600)
 
 
 async def run_demo(folder: Path, console: Console) -> None:
     """Rehearse investigating -> identified -> resolved, end to end, on simulators."""
     started = time.monotonic()
-    secret = _fresh_folder(folder)
+    _fresh_folder(folder)
     async with AsyncExitStack() as running:
-        sims = Simulators(
-            receiver=await running.enter_async_context(WebhookReceiver(secret=secret)),
-            slack=await running.enter_async_context(
-                SlackWebApi(channels=(SLACK_CHANNEL, COMMS_CHANNEL))
-            ),
-            telegram=await running.enter_async_context(
-                FakeTelegram(token=TELEGRAM_TOKEN, chats=[TELEGRAM_CHAT])
-            ),
-            bluesky=await running.enter_async_context(
-                FakePds(handle=BLUESKY_HANDLE, password=BLUESKY_PASSWORD)
-            ),
-            mastodon=await running.enter_async_context(FakeMastodon()),
-            discord=await running.enter_async_context(FakeDiscord()),
-            teams=(teams := await running.enter_async_context(FakeTeamsWorkflow())),
-            teams_url=teams.add_workflow(),
-            twilio=await running.enter_async_context(FakeTwilio()),
-            smtp=await running.enter_async_context(FakeSmtp()),
-            app_port=audience.free_port(),
-        )
-        _write_secrets(folder, secret, sims)
+        sims, channels = await _on_simulators(running, folder, _channels())
         receiver = sims.receiver
         # A realistic bad day at the receivers' end: the core retries what can be.
         receiver.script("partner-03", Behaviour(status=429, retry_after=1.0, times=1))
         receiver.script("partner-07", Behaviour(status=503, times=2))
         receiver.script("partner-11", Behaviour(drop=True, times=1))
         receiver.script("partner-13", Behaviour(status=410))
-        config = _write_config(folder, sims)
+        config = _write_config(folder, channels, sims.app_port)
         settings = load_settings(config)
         console.print(f"[bold]incident-broadcaster demo[/] — config {config}")
         console.print(

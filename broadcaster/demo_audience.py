@@ -17,7 +17,7 @@ from rich.table import Table
 from broadcaster.core import Broadcaster
 from broadcaster.models import DeliveryState
 from broadcaster.sandbox import FakeSmtp, FakeTwilio
-from broadcaster.sandbox.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN
+from broadcaster.sandbox.twilio import DEFAULT_ACCOUNT_SID
 
 SENDER = "+15005550006"
 UNREACHABLE = "+33612340007"  # its SMS come back undelivered (Twilio error 30007)
@@ -49,33 +49,29 @@ def free_port() -> int:
         return port
 
 
-def channels(twilio: FakeTwilio, smtp: FakeSmtp, fast: dict[str, Any]) -> dict[str, Any]:
-    """The two subscriber channels, on the simulators."""
+def channels(fast: dict[str, Any]) -> dict[str, Any]:
+    """The two subscriber channels, as written for the real providers."""
     return {
         "sms": {
             "type": "sms",
             "account_sid": DEFAULT_ACCOUNT_SID,
-            "auth_token": {"file": "secrets/twilio-auth-token"},
+            "auth_token": {"env": "TWILIO_AUTH_TOKEN"},
             "from_number": SENDER,
             "languages": ["en", "fr"],
             "max_segments": 3,  # the identified update, with its workaround, in French
-            "base_url": twilio.url,
             "rate_limit": {"global_per_second": 50, "global_burst": 10},  # the simulator's
             **fast,
         },
         "email": {
             "type": "email",
-            "host": "127.0.0.1",
-            "port": smtp.port,
-            "security": "none",  # a local test server; real relays: starttls (the default)
+            "host": "smtp.voltcharge.example",
+            "username": "status@voltcharge.example",
+            "password": {"env": "SMTP_PASSWORD"},
             "from_address": "VoltCharge status <status@voltcharge.example>",
             "languages": ["en", "fr"],
             **fast,
         },
     }
-
-
-SECRETS = {"secrets/twilio-auth-token": DEFAULT_AUTH_TOKEN}
 
 
 async def import_subscribers(broadcaster: Broadcaster, console: Console) -> None:

@@ -83,7 +83,7 @@ class BannerChannel(Channel):
     family: ClassVar[ChannelFamily] = ChannelFamily.LONG
     # The site shows the store: an edit or a delete is one more render of it, without
     # the corrected or retracted update.
-    capabilities: ClassVar[Capabilities] = Capabilities(edits=True, deletes=True, languages="each")
+    capabilities: Capabilities = Capabilities(edits=True, deletes=True, languages="each")
     # Every send joins one shared write of the whole site (see `_publish_site`): many
     # deliveries in flight cost one render per round, not one each.
     default_concurrency: ClassVar[int] = 64

@@ -198,7 +198,7 @@ class Channel(ABC):
 
     family: ClassVar[ChannelFamily]
     limits: ClassVar[ChannelLimits] = ChannelLimits()
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: Capabilities = Capabilities()  # an instance may narrow its adapter's
     default_rate_limit: ClassVar[RateLimit] = RateLimit()
     default_concurrency: ClassVar[int] = 8
     config_model: ClassVar[type[ChannelConfig]] = ChannelConfig

@@ -164,7 +164,7 @@ class BlueskyChannel(Channel):
 
     family: ClassVar[ChannelFamily] = ChannelFamily.SHORT
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_graphemes=300)  # counted in graphemes
-    capabilities: ClassVar[Capabilities] = Capabilities(threads=True, deletes=True)
+    capabilities: Capabilities = Capabilities(threads=True, deletes=True)
     # 5,000 points/hour per account, 3 points a post: ≈1,666 posts/h. 0.45/s with a
     # burst of 10 allows at most 10 + 1,620 posts in any hour.
     default_rate_limit: ClassVar[RateLimit] = RateLimit(global_per_second=0.45, global_burst=10)

@@ -277,7 +277,7 @@ class DiscordChannel(HttpChannel):
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_chars=CONTENT_MAX_CHARS)
     # A webhook can edit and delete its own messages, but cannot reply to one: follow-ups
     # are new messages in the same channel (or thread_id's thread).
-    capabilities: ClassVar[Capabilities] = Capabilities(edits=True, deletes=True)
+    capabilities: Capabilities = Capabilities(edits=True, deletes=True)
     # Webhooks answer 5 requests per 2 s (their X-RateLimit bucket) and 30 messages a
     # minute per Discord channel. A burst of 5 refilled at 0.4/s stays under both: at
     # most 5 in any 2 s, 5 + 24 = 29 in any minute. Per account, and the account is the

@@ -364,7 +364,7 @@ class EmailChannel(Channel):
     address_kind: AddressKind | None = AddressKind.EMAIL
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_subject_chars=SUBJECT_MAX_CHARS)
     # No edits or deletes: a sent email stays sent; a correction goes out as a follow-up.
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities: Capabilities = Capabilities(
         threads=True, per_recipient=True, languages="each"
     )
     # Relays limit per account (Amazon SES starts at 14 messages/s): set

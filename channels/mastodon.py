@@ -119,7 +119,7 @@ class MastodonChannel(Channel):
 
     family: ClassVar[ChannelFamily] = ChannelFamily.SHORT
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_graphemes=500, link_length=23)
-    capabilities: ClassVar[Capabilities] = Capabilities(threads=True, edits=True, deletes=True)
+    capabilities: Capabilities = Capabilities(threads=True, edits=True, deletes=True)
     # Mastodon allows 300 statuses per 3 hours per account (and 300 requests per 5 min).
     # 0.025/s with a burst of 20 posts at most 20 + 270 in any 3 hours: under the limit,
     # with room left for a person posting by hand during an incident.

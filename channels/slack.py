@@ -213,7 +213,7 @@ class SlackChannel(Channel):
     # update would be split over several sections, and nobody reads a wall in a status
     # channel. 3,000 is what one section shows.
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_chars=SECTION_MAX_CHARS)
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities: Capabilities = Capabilities(
         threads=True, edits=True, deletes=True, per_recipient=True
     )
     # chat.postMessage: "1 message per second per channel, short bursts allowed".

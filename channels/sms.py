@@ -404,7 +404,7 @@ class SmsChannel(Channel):
     # Each segment is billed and long concatenations arrive out of order on some handsets:
     # 2 by default (306 GSM-7 or 134 UCS-2 characters); `max_segments` sets it per channel.
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_sms_segments=2)
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities: Capabilities = Capabilities(
         per_recipient=True, delivery_receipts=True, languages="each"
     )
     default_rate_limit: ClassVar[RateLimit] = LONG_CODE_RATE

@@ -230,7 +230,7 @@ class TeamsChannel(HttpChannel):
     family: ClassVar[ChannelFamily] = ChannelFamily.CHAT
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_chars=MAX_TEXT_CHARS)
     # The webhook answers 202 with no message id: nothing to thread under, edit or delete.
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: Capabilities = Capabilities()
     # Each call starts a flow run that posts as the Flow bot through Graph, which allows
     # about 4 requests a second per channel and fewer channel posts per tenant; one a
     # second with a burst of 4 keeps an incident's updates well clear of 429.

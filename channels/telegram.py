@@ -182,7 +182,7 @@ class TelegramChannel(Channel):
 
     family: ClassVar[ChannelFamily] = ChannelFamily.CHAT
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_chars=MAX_MESSAGE_CHARS)
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities: Capabilities = Capabilities(
         threads=True, edits=True, deletes=True, per_recipient=True
     )
     # Bot FAQ: no more than one message per second in a chat, about 30 per second in all;
@@ -201,8 +201,7 @@ class TelegramChannel(Channel):
         if self.config.subscribers:
             self.address_kind = AddressKind.TELEGRAM
             # Each subscriber reads their own language, not every language joined.
-            # (Capabilities are the adapter's ClassVar; only this instance differs.)
-            self.capabilities = SUBSCRIBER_CAPABILITIES  # type: ignore[misc]
+            self.capabilities = SUBSCRIBER_CAPABILITIES
         self._bot: Bot | None = None
         self._request: HTTPXRequest | None = None
         self._token: str | None = None

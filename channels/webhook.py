@@ -132,7 +132,7 @@ class WebhookChannel(HttpChannel):
     """POST each update to a list of URLs, or to each subscriber's registered URL."""
 
     family: ClassVar[ChannelFamily] = ChannelFamily.LONG
-    capabilities: ClassVar[Capabilities] = Capabilities(per_recipient=True, languages="each")
+    capabilities: Capabilities = Capabilities(per_recipient=True, languages="each")
     default_rate_limit: ClassVar[RateLimit] = RateLimit(
         per_target_per_second=10, per_target_burst=5
     )

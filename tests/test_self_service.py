@@ -745,6 +745,48 @@ async def test_doctor_names_a_missing_secret_and_emails_then_carry_no_manage_lin
 # -- in a browser ----------------------------------------------------------------------------
 
 
+async def test_the_manage_page_names_telegram_and_webhook_subscriptions_as_such(
+    smtp: FakeSmtp, make_broadcaster: MakeBroadcaster, visitors: list[Visitor]
+) -> None:
+    token = {"env": "SUBSCRIBE_TEST_SECRET"}  # any secret: nothing is sent to Telegram here
+    b = await make_broadcaster(
+        {
+            "status-page": BANNER,
+            "email": email_channel(smtp),
+            "telegram-dm": {"type": "telegram", "token": token, "subscribers": True},
+            "hooks": {
+                "type": "webhook",
+                "subscribers": True,
+                "allow_http": True,
+                "allow_networks": ["127.0.0.0/8"],
+            },
+        },
+        components=COMPONENTS,
+        serve={"public_url": PUBLIC, "site_cache_seconds": 0},
+        subscribers=subscribers(),
+    )
+    ana = await b.audience.add(
+        NewSubscriber(
+            email=ANA,
+            telegram="123456789",
+            webhook_url="http://127.0.0.1:9/hooks/secret-token",
+            language="en",
+        ),
+        source="test",
+    )
+    await b.audience.set_subscription(ana.id, "telegram-dm", subscribed=False, source="test")
+    manage = b.channels["email"].context.manage_url
+    assert manage is not None
+    async with serving(b) as base:
+        status, page = await visitor(visitors, base).get(local(str(manage(str(ana.id))), base))
+    assert status == 200
+    words = text_of(page)
+    assert "By email to a•••@example.com" in words
+    assert "To your webhook at http://127.0.0.1:9/•••" in words
+    assert "Telegram messages are stopped. To receive them again, send /subscribe" in words
+    assert "text message" not in words and "secret-token" not in page and "123456789" not in page
+
+
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     from tests.test_browser import CHROMIUM, sync_playwright
@@ -813,45 +855,3 @@ def test_a_person_subscribes_in_a_browser_which_solves_the_proof_of_work(
             assert problems == [], problems  # the CSP lets the inline script run, nothing else
             subscribers = server.run(lambda b: b.audience.list())
     assert [(s.email, s.language, s.components) for s in subscribers] == [(ANA, "en", ["app"])]
-
-
-async def test_the_manage_page_names_telegram_and_webhook_subscriptions_as_such(
-    smtp: FakeSmtp, make_broadcaster: MakeBroadcaster, visitors: list[Visitor]
-) -> None:
-    token = {"env": "SUBSCRIBE_TEST_SECRET"}  # any secret: nothing is sent to Telegram here
-    b = await make_broadcaster(
-        {
-            "status-page": BANNER,
-            "email": email_channel(smtp),
-            "telegram-dm": {"type": "telegram", "token": token, "subscribers": True},
-            "hooks": {
-                "type": "webhook",
-                "subscribers": True,
-                "allow_http": True,
-                "allow_networks": ["127.0.0.0/8"],
-            },
-        },
-        components=COMPONENTS,
-        serve={"public_url": PUBLIC, "site_cache_seconds": 0},
-        subscribers=subscribers(),
-    )
-    ana = await b.audience.add(
-        NewSubscriber(
-            email=ANA,
-            telegram="123456789",
-            webhook_url="http://127.0.0.1:9/hooks/secret-token",
-            language="en",
-        ),
-        source="test",
-    )
-    await b.audience.set_subscription(ana.id, "telegram-dm", subscribed=False, source="test")
-    manage = b.channels["email"].context.manage_url
-    assert manage is not None
-    async with serving(b) as base:
-        status, page = await visitor(visitors, base).get(local(str(manage(str(ana.id))), base))
-    assert status == 200
-    words = text_of(page)
-    assert "By email to a•••@example.com" in words
-    assert "To your webhook at http://127.0.0.1:9/•••" in words
-    assert "Telegram messages are stopped. To receive them again, send /subscribe" in words
-    assert "text message" not in words and "secret-token" not in page and "123456789" not in page
