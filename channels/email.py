@@ -364,9 +364,7 @@ class EmailChannel(Channel):
     address_kind: AddressKind | None = AddressKind.EMAIL
     limits: ClassVar[ChannelLimits] = ChannelLimits(max_subject_chars=SUBJECT_MAX_CHARS)
     # No edits or deletes: a sent email stays sent; a correction goes out as a follow-up.
-    capabilities: Capabilities = Capabilities(
-        threads=True, per_recipient=True, languages="each"
-    )
+    capabilities: Capabilities = Capabilities(threads=True, per_recipient=True, languages="each")
     # Relays limit per account (Amazon SES starts at 14 messages/s): set
     # rate_limit = {global_per_second = …} to your relay's quota.
     default_rate_limit: ClassVar[RateLimit] = RateLimit()
