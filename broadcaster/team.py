@@ -21,17 +21,19 @@ MAX_TEAM_MESSAGE = 4000
 def team_channel_problem(channels: Mapping[str, Channel], target: str, setting: str) -> str | None:
     """Why `target` cannot be the team's channel (named by `setting` in errors), or None.
 
-    Only a chat channel (Slack, Discord, Teams, Telegram): a social channel would publish
-    what is meant for the team to the world, a status page or webhook would show it as an
-    incident update, and a subscriber channel would send it to subscribers."""
+    Only a chat channel (Slack, Discord, Teams, Telegram) or a webhook to the team's own
+    tools (it posts `{"type": "team.message"}`): a social channel would publish what is
+    meant for the team to the world, a status page would show it as an incident update,
+    and a subscriber channel would send it to subscribers."""
     channel = channels.get(target)
     if channel is None:
         configured = ", ".join(channels) or "none"
         return f"{setting}: unknown channel '{target}' — configured: {configured}"
-    if channel.family is not ChannelFamily.CHAT or channel.address_kind is not None:
+    internal = channel.family is ChannelFamily.CHAT or channel.config.type == "webhook"
+    if not internal or channel.address_kind is not None:
         return (
             f"{setting}: '{target}' is a {channel.config.type} channel — name the team's own "
-            "chat channel (Slack, Discord, Teams, a private Telegram group)"
+            "chat channel (Slack, Discord, Teams, a private Telegram group) or a webhook"
         )
     return None
 

@@ -220,8 +220,12 @@ class WebhookChannel(HttpChannel):
 
     def body(self, message: Message) -> str:
         """The JSON every target gets for this update (built once per update): the text
-        in each language; a subscriber gets theirs only, and `language` says which."""
+        in each language; a subscriber gets theirs only, and `language` says which. A
+        message to the team (update 0) is `{"type": "team.message", "kind", "text"}`."""
         render = message.render
+        if not message.update_id:  # a message to the team (a nudge, a reply), not an update
+            text = render.variants[0].text
+            return json.dumps({"type": "team.message", "kind": render.template, "text": text})
         language: str | None = None
         if self.address_kind is not None:
             from broadcaster.support import pick_language

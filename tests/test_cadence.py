@@ -438,6 +438,24 @@ async def test_the_team_is_told_when_a_channel_breaks_mid_incident(
     assert "401" in text and "broadcaster doctor" in text
 
 
+async def test_a_webhook_to_the_teams_own_tools_can_take_the_nudges(
+    make_broadcaster: MakeBroadcaster, receiver: WebhookReceiver
+) -> None:
+    b: Broadcaster = await make_broadcaster(
+        {"status-page": BANNER, "ops": webhook_channel(receiver, ["oncall-bot"])},
+        components=COMPONENTS,
+        default_channels=["status-page"],
+        cadence={"notify": ["ops"]},
+    )
+    due = soon()
+    opened = await b.publish(outage(due))
+    await b.scheduler.fire_due(due - timedelta(minutes=5))
+    (nudge,) = receiver.received
+    assert nudge.body["type"] == "team.message" and nudge.body["kind"] == "reminder"
+    assert nudge.body["text"].startswith(f"Update due by {due:%H:%M} UTC")
+    assert f"broadcaster update {opened.incident.id}" in nudge.body["text"]
+
+
 # -- scheduled maintenance ---------------------------------------------------------------
 
 
