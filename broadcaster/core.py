@@ -258,8 +258,10 @@ class Broadcaster:
         renders = []
         fallbacks: dict[str, ChannelRender] = {}
         if not failures:
-            for channel in self._channels_for(request):
-                render, problems = self._render(template, channel, context)
+            chosen = self._channels_for(request)
+            zones = await self._subscriber_zones([*chosen, *self.channels.values()])
+            for channel in chosen:
+                render, problems = self._render(template, channel, context, zones)
                 render.facts = {
                     **facts,
                     "labels": self._fact_labels(channel.languages, facts, request.fields),
@@ -279,7 +281,7 @@ class Broadcaster:
             # would receive: rendered, checked and previewed now like the rest, and stored
             # without deliveries (`PublishPlan.fallback_renders`).
             for source, name in self._fallbacks_for(plans):
-                render, problems = self._render(template, self.channels[name], context)
+                render, problems = self._render(template, self.channels[name], context, zones)
                 languages = self.channels[name].languages
                 render.facts = {
                     **facts,
@@ -358,19 +360,48 @@ class Broadcaster:
             for language in languages
         }
 
+    async def _subscriber_zones(self, channels: Sequence[Channel]) -> list[str]:
+        """The time zones subscribers set other than the configured one, when a
+        subscriber channel is among `channels` (their renders show times there)."""
+        if not any(c.address_kind is not None for c in channels):
+            return []
+        return [z for z in await self.audience.rows.timezones() if z != self.settings.timezone]
+
     def _render(
-        self, template: str, channel: Channel, context: RenderContext
+        self,
+        template: str,
+        channel: Channel,
+        context: RenderContext,
+        zones: Sequence[str] = (),
     ) -> tuple[ChannelRender, list[CheckFailure]]:
-        return self.library.render_for_channel(
-            template,
-            channel=channel.name,
-            family=channel.family,
-            languages=channel.languages,
-            limits=channel.instance_limits,
-            capabilities=channel.capabilities,
-            context=context,
-            gsm7=channel.config.gsm7,
-        )
+        """The channel's render and its failed checks; a subscriber channel also gets
+        variants for each of `zones` ("Next update by 14:30" in the subscriber's own
+        time zone), checked like the others."""
+
+        def render_in(zone: str) -> tuple[ChannelRender, list[CheckFailure]]:
+            return self.library.render_for_channel(
+                template,
+                channel=channel.name,
+                family=channel.family,
+                languages=channel.languages,
+                limits=channel.instance_limits,
+                capabilities=channel.capabilities,
+                context=context.model_copy(update={"timezone": zone}),
+                gsm7=channel.config.gsm7,
+            )
+
+        render, problems = render_in(context.timezone)
+        if channel.address_kind is not None:
+            said = {p.message for p in problems}
+            for zone in zones:
+                zoned, more = render_in(zone)
+                render.zoned[zone] = zoned.variants
+                problems.extend(
+                    p.model_copy(update={"message": f"{p.message} (subscribers in {zone})"})
+                    for p in more
+                    if p.message not in said  # the same failure everywhere: said once
+                )
+        return render, problems
 
     @staticmethod
     def _impact_from(components: dict[str, ComponentState]) -> Impact:

@@ -269,6 +269,19 @@ class ChannelRender(BaseModel):
     facts: dict[str, Any] = Field(
         default_factory=dict, description="the structured update (title, status, components…)"
     )
+    zoned: dict[str, list[Rendered]] = Field(
+        default_factory=dict,
+        description="subscriber channels: time zone -> the variants for subscribers there "
+        "(the same words, with times in their zone)",
+    )
+
+    def in_zone(self, zone: str | None) -> ChannelRender:
+        """The render as a subscriber in `zone` reads it: their zone's variants, if any
+        were rendered for it, else the configured zone's."""
+        variants = self.zoned.get(zone) if zone else None
+        if not variants:
+            return self
+        return self.model_copy(update={"variants": variants, "zoned": {}})
 
     def text(self, language: str | None = None) -> str:
         """The text for one language, or every language joined (bilingual posts)."""

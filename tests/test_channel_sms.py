@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -602,3 +603,21 @@ async def test_dry_run_counts_who_would_get_it_and_the_segments_it_costs(
     segments = {m.language: m.sms_segments for m in render.measures}
     assert reach.sms_segments == 2 * segments["en"] + segments["fr"]
     assert twilio.messages == []  # nothing sent
+
+
+async def test_the_promised_time_is_shown_in_each_subscribers_own_time_zone(
+    twilio: FakeTwilio, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await make_broadcaster(
+        {"sms": sms_channel(twilio)}, components=COMPONENTS, timezone="Europe/Paris"
+    )
+    await b.audience.add(NewSubscriber(phone=ANNE, language="fr"), source="test")  # Paris
+    await b.audience.add(
+        NewSubscriber(phone=BOB, language="en", timezone="America/New_York"), source="test"
+    )
+    promised = datetime(2031, 1, 15, 14, 30, tzinfo=UTC)  # winter: CET and EST
+    await publish(b, api_down().model_copy(update={"next_update_at": promised}))
+    (to_anne,) = twilio.messages_to(ANNE)
+    (to_bob,) = twilio.messages_to(BOB)
+    assert "15:30 CET" in to_anne.body
+    assert "Next update by 09:30 EST" in to_bob.body and "CET" not in to_bob.body

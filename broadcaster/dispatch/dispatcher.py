@@ -353,7 +353,7 @@ class Dispatcher:
         if channel.capabilities.threads:
             threads = await self.queue.threads(channel.name, claimed)
         targets = await self.queue.targets(claimed)
-        addresses: dict[int, str] = {}
+        addresses: dict[int, tuple[str, str | None]] = {}
         if channel.address_kind is not None:
             addresses = await self.subscribers.addresses(
                 channel.name, channel.address_kind, {int(c.recipient) for c in claimed}
@@ -368,21 +368,18 @@ class Dispatcher:
                 self._outcomes.put_nowait((channel.name, unrendered, None))
                 continue
             target = targets.get(item.target_id) if item.target_id is not None else None
-            address = addresses.get(int(item.recipient)) if addresses else None
-            if channel.address_kind is not None and address is None:
-                # Opted out or erased since the fan-out: nothing goes to them.
-                gone = Outcome(item.id, DeliveryState.CANCELLED, last_error="unsubscribed")
-                self._outcomes.put_nowait((channel.name, gone, None))
-                continue
+            render, address = renders[item.update_id], None
+            if channel.address_kind is not None:
+                found = addresses.get(int(item.recipient))
+                if found is None:
+                    # Opted out or erased since the fan-out: nothing goes to them.
+                    gone = Outcome(item.id, DeliveryState.CANCELLED, last_error="unsubscribed")
+                    self._outcomes.put_nowait((channel.name, gone, None))
+                    continue
+                address, zone = found
+                render = render.in_zone(zone)  # times in the subscriber's own zone
             task = asyncio.create_task(
-                self._send(
-                    channel,
-                    item,
-                    renders[item.update_id],
-                    threads.get(item.thread),
-                    target,
-                    address,
-                )
+                self._send(channel, item, render, threads.get(item.thread), target, address)
             )
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)

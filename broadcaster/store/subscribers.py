@@ -338,17 +338,27 @@ class SubscriberStore:
             lambda session: _audit(session.connection(), actor, action, detail)
         )
 
+    async def timezones(self) -> Sequence[str]:
+        """Every time zone a subscriber set (for renders in their zone)."""
+        column = SUBSCRIBERS.c.timezone
+        return await self.store.read_session(
+            lambda s: sorted(
+                s.execute(select(column).where(column.is_not(None)).distinct()).scalars()
+            )
+        )
+
     async def addresses(
         self, channel: str, kind: AddressKind, subscriber_ids: Collection[int]
-    ) -> dict[int, str]:
-        """The address of each of these subscribers still subscribed to the channel."""
+    ) -> dict[int, tuple[str, str | None]]:
+        """The address and time zone of each of these subscribers still subscribed to
+        the channel."""
         column = address_column(kind)
         if not subscriber_ids:
             return {}
         async with self.store.engine.connect() as conn:  # a read: no write lock
             rows = (
                 await conn.execute(
-                    select(SUBSCRIBERS.c.id, column)
+                    select(SUBSCRIBERS.c.id, column, SUBSCRIBERS.c.timezone)
                     .join(SUBSCRIPTIONS, SUBSCRIPTIONS.c.subscriber_id == SUBSCRIBERS.c.id)
                     .where(
                         SUBSCRIBERS.c.id.in_(list(subscriber_ids)),
@@ -358,7 +368,7 @@ class SubscriberStore:
                     )
                 )
             ).all()
-        return {row[0]: row[1] for row in rows}
+        return {row[0]: (row[1], row[2]) for row in rows}
 
 
 def _store(

@@ -241,7 +241,9 @@ class SubscriberRow(Base):
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     language: Mapped[str] = mapped_column(String(20))
     components: Mapped[list[str] | None] = mapped_column(doc="NULL: every component")
-    timezone: Mapped[str | None] = mapped_column(String(64))
+    timezone: Mapped[str | None] = mapped_column(
+        String(64), index=True, doc="indexed: a publish reads the distinct zones"
+    )
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime | None]
 
