@@ -133,7 +133,7 @@ def _minutes(delta: timedelta) -> str:
 
 def _last_said(last: Update) -> str:
     said = last.fields.get("summary") or last.fields.get("details") or "(no summary)"
-    return f"Last said at {_at(last.created_at)} ({last.status.value}): {said}"
+    return f"Last said at {_at(last.created_at)} by {last.actor} ({last.status.value}): {said}"
 
 
 class Scheduler:

@@ -137,7 +137,7 @@ async def test_the_team_is_nudged_five_minutes_before_with_what_was_said_and_the
     (text,) = told(slack)
     assert f"Update due by {due:%H:%M} UTC (in 5 min)" in text
     assert f"#{opened.incident.id}" in text and "Charging sessions fail" in text
-    assert "Starting a charge fails for most users" in text
+    assert "by comms (investigating): Starting a charge fails for most users" in text
     assert f"broadcaster update {opened.incident.id} --status investigating" in text
     assert "a holding update goes out by itself" in text
     # Once only.
