@@ -254,6 +254,8 @@ class Audience:
         kind = self.kinds.get(channel)
         if kind is None:
             raise NotFoundError(f"'{channel}' is not a subscriber channel")
+        if subscribed:  # back in only where the channel may deliver (a URL's checks)
+            await self.channels[channel].check_address(address)
         found = await self.rows.set_subscribed(
             channel, kind, address, subscribed=subscribed, source=source, actor=actor
         )

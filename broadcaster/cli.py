@@ -995,6 +995,13 @@ def subscribers_add(
         f"added subscriber #{subscriber.id} ({_addresses(subscriber)}) to "
         f"{', '.join(subscriber.channels)}"
     )
+    for name, secret in (subscriber.webhook_secrets or {}).items():
+        # Theirs alone: it verifies only their updates (see `subscribers export`).
+        console().print(
+            f"signing secret for {name} — give it to the subscriber, who verifies each "
+            f"update with it: {secret}",
+            soft_wrap=True,
+        )
 
 
 @subscribers_app.command("import")

@@ -714,8 +714,21 @@ class Broadcaster:
     async def add_subscriber(
         self, new: NewSubscriber, *, actor: str, source: str = "cli"
     ) -> Subscriber:
-        """Validate and store one subscriber; an address already known is an error."""
-        return await self.audience.add(new, source=source, actor=actor)
+        """Validate and store one subscriber; an address already known is an error. One
+        with a webhook URL comes back with the secret each webhook channel signs their
+        updates with (to hand to them)."""
+        added = await self.audience.add(new, source=source, actor=actor)
+        return self._with_webhook_secrets(added)
+
+    def _with_webhook_secrets(self, subscriber: Subscriber) -> Subscriber:
+        secrets = {
+            name: secret
+            for name, channel in self.channels.items()
+            if channel.address_kind is not None
+            and subscriber.channels.get(name)
+            and (secret := channel.subscriber_secret(subscriber.id)) is not None
+        }
+        return subscriber.model_copy(update={"webhook_secrets": secrets}) if secrets else subscriber
 
     async def import_subscribers(self, csv_text: str, *, actor: str) -> ImportReport:
         """Add or update each CSV row (columns: subscribers.CSV_COLUMNS); each refused
@@ -732,8 +745,14 @@ class Broadcaster:
         return await self.audience.get(subscriber_id)
 
     async def export_subscriber(self, subscriber_id: int) -> dict[str, Any]:
-        """Everything kept about one subscriber, for a data-access request."""
-        return await self.audience.export(subscriber_id)
+        """Everything kept about one subscriber, for a data-access request (with the
+        webhook secrets they verify their updates with)."""
+        exported = await self.audience.export(subscriber_id)
+        subscriber = await self.audience.get(subscriber_id)
+        secrets = self._with_webhook_secrets(subscriber).webhook_secrets
+        if secrets:
+            exported["subscriber"]["webhook_secrets"] = secrets
+        return exported
 
     async def erase_subscriber(self, subscriber_id: int, *, actor: str) -> Subscriber:
         """Forget a subscriber: addresses, consents, and error texts that may quote them."""

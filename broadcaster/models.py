@@ -477,6 +477,11 @@ class Subscriber(BaseModel):
     timezone: str | None
     channels: dict[str, bool] = Field(description="channel -> subscribed (False: opted out)")
     created_at: datetime
+    webhook_secrets: dict[str, str] | None = Field(
+        default=None,
+        description="given once, to whoever registers a webhook URL (and in an export): "
+        "webhook channel -> the secret this subscriber verifies its signatures with",
+    )
 
     def address(self, kind: AddressKind) -> str | None:
         """Their address of this kind, if they gave one."""

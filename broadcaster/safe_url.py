@@ -49,8 +49,15 @@ MAX_URL_LENGTH = 2048
 RESOLVE_TIMEOUT_SECONDS = 10.0
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# NAT64's well-known prefix (RFC 6052): 64:ff9b::a.b.c.d reaches a.b.c.d through a gateway.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# NAT64 prefixes: 64:ff9b::a.b.c.d (RFC 6052) and the local-use 64:ff9b:1::/48 (RFC 8215)
+# reach a.b.c.d through a gateway.
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+# Refused whatever this Python's tables say (they differ between versions): IPv4-
+# compatible and SIIT-translated forms, old site-local, and special-purpose ranges.
+_NOT_PUBLIC_V6 = tuple(
+    ipaddress.IPv6Network(n)
+    for n in ("::/96", "::ffff:0:0:0/96", "fec0::/10", "2001::/23", "5f00::/16", "3fff::/20")
+)
 ALLOW_HINT = "only public addresses are called, unless the channel's allow_networks allows one"
 
 
@@ -95,13 +102,16 @@ def normalise_url(raw: str) -> str:
 
 def url_host(url: str) -> str:
     """The host aiohttp will connect to for this URL (IDNA-encoded, IPv6 without
-    brackets); UnsafeUrlError when there is none."""
+    brackets); UnsafeUrlError when there is none, or when it has an IPv6 zone id (which
+    the socket layer would resolve past our checks; a public URL never needs one)."""
     try:
         host = URL(url).raw_host
     except ValueError:
         host = None
     if not host:
         raise UnsafeUrlError("webhook URL is not a URL with a host")
+    if "%" in host:
+        raise UnsafeUrlError("webhook URL: an IPv6 zone id (%…) is not allowed")
     return host
 
 
@@ -126,7 +136,7 @@ def _embedded_ipv4(ip: IpAddress) -> IpAddress:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ip.ipv4_mapped
-        if ip in _NAT64:
+        if any(ip in prefix for prefix in _NAT64):
             return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if ip.sixtofour is not None:
             return ip.sixtofour
@@ -159,6 +169,17 @@ class UrlPolicy:
             return None
         return f"{given} ({ip}, {kind})" if given != ip else f"{ip} ({kind})"
 
+    def kind_refused(self, address: str) -> str | None:
+        """What kind of address this is when it is refused ("a private address"), without
+        the address itself; None when it may be called."""
+        if self.refusal(address) is None:
+            return None
+        try:
+            ip = _embedded_ipv4(ipaddress.ip_address(address.split("%", 1)[0]))
+        except ValueError:
+            return "not an IP address"
+        return _public(ip) or _public(ipaddress.ip_address(address.split("%", 1)[0]))
+
     def check_scheme(self, url: str) -> None:
         """UnsafeUrlError unless the URL's scheme is allowed (https; http too with
         `allow_http`)."""
@@ -169,7 +190,8 @@ class UrlPolicy:
 
 def _public(ip: IpAddress) -> str | None:
     """None for a public unicast address; else what it is, as an error says it."""
-    if ip.is_global and not ip.is_multicast:
+    reserved = isinstance(ip, ipaddress.IPv6Address) and any(ip in n for n in _NOT_PUBLIC_V6)
+    if ip.is_global and not ip.is_multicast and not reserved:
         return None
     if ip.is_unspecified:
         return "an unspecified address (this host)"
@@ -210,15 +232,28 @@ async def check_url(url: str, policy: UrlPolicy) -> None:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, URL(url).port, type=socket.SOCK_STREAM
             )
-    except (OSError, UnicodeError, TimeoutError):  # socket.gaierror is an OSError
+    except socket.gaierror as exc:
+        if exc.errno in (socket.EAI_AGAIN, getattr(socket, "EAI_SYSTEM", None)):
+            raise UnsafeUrlError(
+                f"webhook URL: host '{host}' could not be looked up just now (DNS did not "
+                "answer) — try again in a moment"
+            ) from None
         raise UnsafeUrlError(f"webhook URL: host '{host}' does not resolve") from None
+    except (OSError, UnicodeError):
+        raise UnsafeUrlError(f"webhook URL: host '{host}' does not resolve") from None
+    except TimeoutError:
+        raise UnsafeUrlError(
+            f"webhook URL: looking up host '{host}' took over {RESOLVE_TIMEOUT_SECONDS:.0f} s "
+            "— try again in a moment"
+        ) from None
     addresses = sorted({str(info[4][0]) for info in infos})
     if not addresses:
         raise UnsafeUrlError(f"webhook URL: host '{host}' does not resolve")
     for address in addresses:
-        reason = policy.refusal(address)
-        if reason is not None:
-            raise UnsafeUrlError(f"webhook URL: host '{host}' resolves to {reason} — {ALLOW_HINT}")
+        kind = policy.kind_refused(address)
+        if kind is not None:
+            # The kind only, not the address: an answer must not map the inside network.
+            raise UnsafeUrlError(f"webhook URL: host '{host}' resolves to {kind} — {ALLOW_HINT}")
 
 
 class GuardedResolver(ThreadedResolver):
@@ -237,6 +272,7 @@ class GuardedResolver(ThreadedResolver):
         found = await super().resolve(host, port, family)
         allowed = [r for r in found if self.policy.refusal(r["host"]) is None]
         if not allowed:
-            refusals = sorted({r for r in (self.policy.refusal(f["host"]) for f in found) if r})
-            raise AddressRefusedError(f"host '{host}' resolves to {'; '.join(refusals)}")
+            kinds = {self.policy.kind_refused(f["host"]) for f in found}
+            refused = "; ".join(sorted(k for k in kinds if k))
+            raise AddressRefusedError(f"host '{host}' resolves to {refused}")
         return allowed

@@ -6,6 +6,7 @@ and addresses masked for logs.
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ __all__ = [
 
 # Columns a CSV may have (a header row names them); `components` and `channels` are
 # separated by spaces or semicolons.
+_HOST_PREFIX = re.compile(r"^[A-Za-z0-9.:-]*")
 CSV_COLUMNS = ("phone", "email", "language", "components", "timezone", "channels")
 
 
@@ -107,9 +109,18 @@ def mask(address: str | None) -> str:
     """An address as logs may show it: +336•••••78, j•••@example.com."""
     if not address:
         return "-"
-    if "://" in address:  # a webhook URL: its path and query may carry a token
-        scheme, _, rest = address.partition("://")
-        return f"{scheme}://{rest.split('/', 1)[0].rsplit('@', 1)[-1]}/•••"
+    if "://" in address:  # a webhook URL: only scheme, host and port; the rest may be a token
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(address)
+            port = parts.port
+        except ValueError:
+            return "•••"
+        # Up to the first character no host name has (`h;token=…` parses as a host).
+        host = _HOST_PREFIX.findall(parts.hostname or "")[0] or "•••"
+        host = f"[{host}]" if ":" in host else host
+        return f"{parts.scheme}://{host}{f':{port}' if port else ''}/•••"
     if "@" in address:
         local, _, domain = address.partition("@")
         return f"{local[:1]}•••@{domain}"

@@ -259,6 +259,11 @@ class Channel(ABC):
         """Refuse (InvalidSubscriberError) a subscriber's normalised address that this
         channel must not deliver to; asked when a subscriber is added or changed."""
 
+    def subscriber_secret(self, subscriber_id: int) -> str | None:
+        """A secret one subscriber needs to verify what this channel sends them (a
+        webhook signing key), handed to them when they register; None: none."""
+        return None
+
     def inbound(self) -> InboundEndpoint | None:
         """A new inbound endpoint when this instance's config turns one on; None if not."""
         return None
@@ -335,9 +340,15 @@ class HttpChannel(Channel):
     """A channel that talks HTTP with aiohttp: one shared session, created inside the loop."""
 
     request_timeout_seconds: ClassVar[float] = 10.0
+    # An answer is read up to this many bytes (an error's text, an API's JSON): a huge or
+    # endless body from a receiver must not fill the memory.
+    max_answer_bytes: ClassVar[int] = 256 * 1024
     # False: a 3xx answer is a PermanentError ("redirect refused") and its Location is
     # never requested (an instance calling URLs strangers gave sets it).
     follow_redirects: bool = True
+    # False: answers are not decompressed (a receiver's gzip bomb stays 400 KB); for an
+    # instance that never needs what the answers say.
+    decompress_answers: bool = True
     _session: aiohttp.ClientSession | None = None
 
     def connector(self) -> aiohttp.TCPConnector:
@@ -361,6 +372,9 @@ class HttpChannel(Channel):
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout_seconds),
                 connector=self.connector(),
+                auto_decompress=self.decompress_answers,
+                # No cookies: one receiver's must never travel to another on its host.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
 
     @property
@@ -397,7 +411,7 @@ class HttpChannel(Channel):
                 headers=headers or {},
                 allow_redirects=self.follow_redirects,
             ) as response:
-                text = await response.text()
+                text = await self._answer_text(response)
                 status, answer_headers = response.status, response.headers
         except (TimeoutError, aiohttp.ClientError) as exc:
             # `from None`: aiohttp's exception may quote the URL, and with it a token.
@@ -409,6 +423,20 @@ class HttpChannel(Channel):
                 raise classify(status, answer_headers, text)
             raise classify_http_status(status, answer_headers.get("Retry-After"), what)
         return status, text
+
+    async def _answer_text(self, response: aiohttp.ClientResponse) -> str:
+        """The answer's body as text, at most `max_answer_bytes` of it; bytes that are
+        not in its charset are replaced, never an error."""
+        body = b""
+        while len(body) < self.max_answer_bytes:
+            chunk = await response.content.read(self.max_answer_bytes - len(body))
+            if not chunk:
+                break
+            body += chunk
+        try:
+            return body.decode(response.charset or "utf-8", errors="replace")
+        except LookupError:  # a charset Python does not know
+            return body.decode("utf-8", errors="replace")
 
     async def post_json(
         self,

@@ -13,7 +13,9 @@ connection (the address checked is the address connected to), and redirects refu
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -51,6 +53,9 @@ if TYPE_CHECKING:
     import aiohttp
 
     from broadcaster.safe_url import UrlPolicy
+
+
+SUBSCRIBER_CONNECTIONS_PER_HOST = 8
 
 
 class WebhookTarget(BaseModel):
@@ -152,6 +157,7 @@ class WebhookChannel(HttpChannel):
 
             self.address_kind = AddressKind.WEBHOOK
             self.follow_redirects = False  # a redirect would lead past the guard
+            self.decompress_answers = False  # only the status matters: no gzip bombs
             self._policy = UrlPolicy(
                 allow_networks=tuple(self.config.allow_networks),
                 allow_http=self.config.allow_http,
@@ -182,7 +188,11 @@ class WebhookChannel(HttpChannel):
         # Every name is resolved through the guard, and aiohttp connects only to the
         # addresses it returns; IP literals are checked in `send`, before the request.
         return aiohttp.TCPConnector(
-            limit=self.concurrency, ssl=tls, resolver=GuardedResolver(self._policy)
+            limit=self.concurrency,
+            # Many subscriptions naming one host must not become a flood on it.
+            limit_per_host=SUBSCRIBER_CONNECTIONS_PER_HOST,
+            ssl=tls,
+            resolver=GuardedResolver(self._policy),
         )
 
     def _ca_file(self) -> Path | None:
@@ -217,6 +227,33 @@ class WebhookChannel(HttpChannel):
             secret = self.secret(self.config.secret)
             if secret is not None:
                 self._signer = Webhook(secret.get_secret_value())
+
+    def subscriber_secret(self, subscriber_id: int) -> str | None:
+        """The Standard Webhooks secret a subscriber verifies their updates with: derived
+        from the channel's (HMAC-SHA256 over their id), so each holds a key that signs
+        only their own updates — never one that would let them forge another's — and
+        nothing needs storing. None without a channel secret, or on a channel of targets."""
+        ref = self.config.secret
+        if self.address_kind is None:
+            return None
+        secret = self.secret(ref) if ref is not None else None
+        if secret is None:
+            return None
+        raw = secret.get_secret_value()
+        try:  # the key bytes, as Standard Webhooks reads a whsec_ secret
+            key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            key = raw.encode()
+        derived = hmac.new(key, f"subscriber:{subscriber_id}".encode(), hashlib.sha256)
+        return "whsec_" + base64.b64encode(derived.digest()).decode()
+
+    def _signer_for(self, message: Message) -> object | None:
+        if self.address_kind is None or self._signer is None:
+            return self._signer
+        from standardwebhooks.webhooks import Webhook
+
+        secret = self.subscriber_secret(int(message.recipient.id))
+        return Webhook(secret) if secret is not None else None
 
     def body(self, message: Message) -> str:
         """The JSON every target gets for this update (built once per update): the text
@@ -284,8 +321,9 @@ class WebhookChannel(HttpChannel):
             "webhook-id": message.delivery_key,
             "webhook-timestamp": str(int(now.timestamp())),
         }
-        if self._signer is not None:
-            headers["webhook-signature"] = self._signer.sign(  # type: ignore[attr-defined]
+        signer = self._signer_for(message)
+        if signer is not None:
+            headers["webhook-signature"] = signer.sign(  # type: ignore[attr-defined]
                 message.delivery_key, now, body
             )
         await self.post_json(url, body.encode(), headers, what=what, classify=classify)
