@@ -55,6 +55,7 @@ from broadcaster.models import (
 from broadcaster.operations import ProgressCallback
 from broadcaster.scheduler import Scheduler, reminders_for
 from broadcaster.store import ChannelPlan, DeliveryQueue, PublishPlan, Store
+from broadcaster.store.reminders import SCHEDULER_SOURCE
 from broadcaster.support import StoreSupportDesk
 from broadcaster.templates import RenderContext, TemplateLibrary
 from broadcaster.tokens import manage_url_maker, self_service_problems
@@ -214,6 +215,10 @@ class Broadcaster:
             )
         if request.corrects is not None:
             self._check_correctable(incident, request.corrects)
+            if request.next_update_at is None and incident is not None:
+                # A correction keeps the promise of what it corrects, unless it makes one.
+                corrected = next(u for u in incident.updates if u.id == request.corrects)
+                request = request.model_copy(update={"next_update_at": corrected.next_update_at})
         self._check_components(request.components)
         current = dict(incident.components) if incident else {}
         if request.status.is_final:
@@ -511,6 +516,10 @@ class Broadcaster:
         """Publish a pending draft as it was drafted; recorded with who approved it."""
         draft = await self._pending(draft_id)
         request = draft.request.model_copy(update={"actor": actor})
+        if draft.source == SCHEDULER_SOURCE and request.next_update_at is not None:
+            # A holding update promises the next one from when it goes out.
+            promise = self.scheduler.clock() + self.settings.cadence.holding_next_update_in
+            request = request.model_copy(update={"next_update_at": promise})
         result = await self.publish(request, draft.incident_id, alert_key=draft.alert_key)
         await self.store.decide_draft(
             draft_id,
@@ -538,7 +547,9 @@ class Broadcaster:
 
     async def cancel(self, update_id: int, *, actor: str) -> int:
         """The kill switch: stop an update's queued deliveries. Returns how many stopped."""
-        return await self.store.cancel_update(update_id, actor)
+        cancelled = await self.store.cancel_update(update_id, actor)
+        await self._restore_promises(update_id, actor=actor)
+        return cancelled
 
     async def retract(
         self, update_id: int, *, actor: str, dry_run: bool = False
@@ -551,7 +562,29 @@ class Broadcaster:
         )
         if not dry_run:
             self.backend.published()
+            await self._restore_promises(update_id, actor=actor)
         return report
+
+    async def _restore_promises(self, update_id: int, *, actor: str) -> None:
+        """After an update was cancelled or retracted, what the incident's latest live
+        update promised (its next update, a maintenance window, the escalation) is kept
+        again: the reminders it made are back, or made anew."""
+        reminders = self.scheduler.reminders
+        incident = await self.store.get_incident(await reminders.incident_of(update_id))
+        last = incident.last_update
+        if last is None or incident.status.is_final:
+            return
+        wanted = reminders_for(
+            last.status,
+            last.fields,
+            last.next_update_at,
+            self.settings.cadence,
+            timezone=self.settings.timezone,
+            now=self.scheduler.clock(),
+            opened_at=incident.created_at,
+        )
+        await reminders.restore(incident.id, last.id, wanted, actor=actor)
+        self.backend.reminders_stored()
 
     async def retry(self, incident_id: int, *, channel: str | None, actor: str) -> tuple[int, int]:
         """Queue the failed deliveries of the incident's latest update again."""
@@ -625,7 +658,9 @@ class Broadcaster:
         await asyncio.gather(
             self.backend.drive(stopped),
             self.alerts.release_held_until(stop),
-            self.backend.run_reminders(self.scheduler.fire_due, stop),
+            self.backend.run_reminders(
+                lambda still_mine: self.scheduler.fire_due(still_mine=still_mine), stop
+            ),
             self._forget_old_deliveries_until(stop),
         )
 

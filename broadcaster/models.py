@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 
 def _known_timezone(value: str) -> str:
@@ -179,7 +179,9 @@ class UpdateRequest(BaseModel):
     impact: Impact | None = None
     components: dict[str, ComponentState] = Field(default_factory=dict)
     fields: dict[str, str] = Field(default_factory=dict)
-    next_update_at: datetime | None = None
+    next_update_at: AwareDatetime | None = Field(
+        default=None, description="the next update promised, with its time zone"
+    )
     channels: list[str] | None = Field(default=None, description="None: the configured defaults")
     publish_key: str | None = None
     actor: str = "unknown"

@@ -20,12 +20,12 @@ found later than `cadence.grace` (nothing was running) is reported as missed ins
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from broadcaster.errors import CheckFailedError, ConfigError
+from broadcaster.errors import BroadcasterError, CheckFailedError, ConfigError
 from broadcaster.models import (
     DEFAULT_TEMPLATES,
     ComponentState,
@@ -38,7 +38,13 @@ from broadcaster.models import (
     Update,
     UpdateRequest,
 )
-from broadcaster.store.reminders import ReminderStore, Wanted, answered_outcome
+from broadcaster.store.reminders import (
+    SCHEDULER_SOURCE,
+    ReminderSettledError,
+    ReminderStore,
+    Wanted,
+    answered_outcome,
+)
 from broadcaster.team import team_channel_problem, tell_team
 
 if TYPE_CHECKING:
@@ -49,8 +55,8 @@ __all__ = ["Clock", "Scheduler", "reminders_for"]
 
 log = logging.getLogger("broadcaster.scheduler")
 Clock = Callable[[], datetime]
+StillMine = Callable[[], Awaitable[bool]]
 HOLDING_TEMPLATE = "holding"
-SCHEDULER_ACTOR = "scheduler"
 
 
 def utc_now() -> datetime:
@@ -151,16 +157,51 @@ class Scheduler:
             if problem is not None:
                 raise ConfigError(problem)
 
-    async def fire_due(self, now: datetime | None = None) -> list[Reminder]:
+    async def fire_due(
+        self, now: datetime | None = None, *, still_mine: StillMine | None = None
+    ) -> list[Reminder]:
         """Fire every reminder due by `now` (default: the clock), oldest first; the
-        reminders as settled (one settled meanwhile elsewhere is left out)."""
-        now = now or self.clock()
+        reminders as settled (one settled meanwhile elsewhere is left out).
+
+        `still_mine()` is asked before each reminder (the backend renews its lease): once
+        it says no, another process fires the rest. One reminder that cannot be fired (a
+        channel or template since removed from the config) is settled `missed` with the
+        reason and the team told; it never holds up the others."""
+        fixed = now
         fired = []
-        for reminder in await self.reminders.due(now):
-            settled = await self.fire(reminder, now)
+        for reminder in await self.reminders.due(now or self.clock()):
+            if still_mine is not None and not await still_mine():
+                break
+            at = fixed or self.clock()  # a slow send earlier in the tick is not `now`
+            try:
+                settled = await self.fire(reminder, at)
+            except BroadcasterError as exc:
+                settled = await self._unfireable(reminder, at, exc)
+            except Exception:  # the store is busy or briefly gone: pending, next tick
+                log.exception("could not fire reminder #%d; retrying", reminder.id)
+                continue
             if settled is not None:
                 fired.append(settled)
         return fired
+
+    async def _unfireable(
+        self, reminder: Reminder, now: datetime, error: BroadcasterError
+    ) -> Reminder | None:
+        """Settle a reminder that cannot be fired (`missed`, with why) and tell the team,
+        so it neither blocks the schedule nor fails again every second."""
+        outcome = f"could not fire: {error}"
+        log.error("reminder #%d of incident %d %s", reminder.id, reminder.incident_id, outcome)
+        await self._tell(
+            reminder,
+            f"The scheduler could not post the {reminder.kind.value} due at "
+            f"{_at(reminder.due_at)} for incident #{reminder.incident_id}: {error}. Post the "
+            "next update yourself.",
+        )
+        if not await self.reminders.finish(reminder.id, ReminderState.MISSED, outcome, now=now):
+            return None
+        return reminder.model_copy(
+            update={"state": ReminderState.MISSED, "outcome": outcome, "fired_at": now}
+        )
 
     async def fire(self, reminder: Reminder, now: datetime) -> Reminder | None:
         """Do what one due reminder asks, then settle it; None if it was settled
@@ -169,10 +210,13 @@ class Scheduler:
         last = incident.last_update
         if last is None or not self._still_wanted(reminder, incident, last):
             state, outcome = ReminderState.CANCELLED, "no longer wanted"
-        elif now - reminder.due_at > self.cadence.grace:
+        elif (
+            now - reminder.due_at > self.cadence.grace
+            and reminder.kind is not ReminderKind.ESCALATE  # still unresolved: tell, late
+        ):
             state = ReminderState.MISSED
             outcome = f"found {_minutes(now - reminder.due_at)} late: nothing was running"
-            if reminder.kind not in (ReminderKind.NUDGE, ReminderKind.ESCALATE):
+            if reminder.kind is not ReminderKind.NUDGE:
                 await self._tell(reminder, self._missed(reminder, incident))
         elif reminder.kind is ReminderKind.NUDGE and now >= reminder.promised_at:
             # Found after the promised time (the scheduler was down): the holding
@@ -285,11 +329,11 @@ class Scheduler:
             next_update_at=now + self.cadence.holding_next_update_in,
             channels=list(last.channels),
             publish_key=f"holding:{incident.id}:{reminder.promised_at.isoformat()}",
-            actor=SCHEDULER_ACTOR,
+            actor=SCHEDULER_SOURCE,
         )
         if policy == "draft":
             draft, _ = await self.broadcaster.store.create_draft(
-                source=SCHEDULER_ACTOR,
+                source=SCHEDULER_SOURCE,
                 route="cadence",
                 alert_key=None,
                 incident_id=incident.id,
@@ -325,7 +369,7 @@ class Scheduler:
             fields={k: v for k, v in last.fields.items() if k.split(".")[0] in known},
             channels=list(last.channels),
             publish_key=f"{reminder.kind.value}:{incident.id}:{reminder.due_at.isoformat()}",
-            actor=SCHEDULER_ACTOR,
+            actor=SCHEDULER_SOURCE,
         )
         return await self._publish(reminder, incident, request)
 
@@ -336,6 +380,9 @@ class Scheduler:
             result = await self.broadcaster.publish(
                 request, incident.id, keeps_reminder=reminder.id
             )
+        except ReminderSettledError:
+            # Someone posted (or resolved) while this was prepared: theirs stands.
+            return "settled meanwhile by a newer update"
         except CheckFailedError as exc:
             problem = "; ".join(str(f) for f in exc.failures)
             await self._tell(

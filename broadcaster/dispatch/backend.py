@@ -30,10 +30,15 @@ log = logging.getLogger("broadcaster.dispatch")
 
 DISPATCHER_LEASE = "dispatcher"
 SCHEDULER_LEASE = "scheduler"
+# Renewed before each reminder; long enough to outlast one slow team message (30 s), so a
+# second process never fires a reminder this one is still firing. A dead process on this
+# host is taken over at once; on another host, after this.
+SCHEDULER_LEASE_SECONDS = 90.0
 REMINDER_LOOK_SECONDS = 1.0
 Predicate = Callable[[], Awaitable[bool]]
 Tick = Callable[[bool], Awaitable[None]]
-FireDue = Callable[[], Awaitable[object]]
+StillMine = Callable[[], Awaitable[bool]]
+FireDue = Callable[[StillMine], Awaitable[object]]
 
 
 class DispatchBackend(ABC):
@@ -60,8 +65,9 @@ class DispatchBackend(ABC):
 
     @abstractmethod
     async def run_reminders(self, fire_due: FireDue, stop: asyncio.Event) -> None:
-        """Call `fire_due()` when reminders may be due, until `stop` is set; in one place
-        at a time across every process on the store."""
+        """Call `fire_due(still_mine)` when reminders may be due, until `stop` is set;
+        in one place at a time across every process on the store (`still_mine()` says
+        whether this place still is the one, before each reminder)."""
 
     @abstractmethod
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
@@ -134,11 +140,15 @@ class EmbeddedBackend(DispatchBackend):
     async def fire_if_holder(self, fire_due: FireDue) -> bool:
         """Fire due reminders if this process holds (or now takes) the scheduler lease;
         whether it does."""
-        holds = await self.queue.acquire_lease(
-            SCHEDULER_LEASE, self.holder, self.settings.lease_seconds
-        )
+
+        async def still_mine() -> bool:
+            return await self.queue.acquire_lease(
+                SCHEDULER_LEASE, self.holder, SCHEDULER_LEASE_SECONDS
+            )
+
+        holds = await still_mine()
         if holds:
-            await fire_due()
+            await fire_due(still_mine)
         return holds
 
     async def run_reminders(self, fire_due: FireDue, stop: asyncio.Event) -> None:

@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from broadcaster.models import Reminder, ReminderKind, ReminderState
-from broadcaster.store.tables import REMINDERS, utcnow
+from broadcaster.errors import BroadcasterError
+from broadcaster.models import DraftState, Reminder, ReminderKind, ReminderState
+from broadcaster.store.tables import DRAFTS, REMINDERS, UPDATES, utcnow
 
 if TYPE_CHECKING:
     from broadcaster.store.store import Store
 
 __all__ = [
+    "SCHEDULER_SOURCE",
+    "ReminderSettledError",
     "ReminderStore",
     "Wanted",
     "answered_outcome",
@@ -25,9 +28,15 @@ __all__ = [
     "settle_promises",
 ]
 
+SCHEDULER_SOURCE = "scheduler"  # drafts and updates the scheduler makes
 _PENDING = ReminderState.PENDING.value
 # A reminder that did not fire may be wanted again (a promise moved back to 14:30).
 _REVIVABLE = (ReminderState.CANCELLED.value, ReminderState.KEPT.value)
+
+
+class ReminderSettledError(BroadcasterError):
+    """The reminder an update was to answer was settled meanwhile (a person posted, or
+    resolved): the update is not stored."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ def settle_promises(
     wanted: Sequence[Wanted],
     *,
     now: datetime,
+    actor: str,
     answers: int | None = None,
 ) -> None:
     """A new update of the incident replaces its pending reminders with `wanted`.
@@ -73,8 +83,37 @@ def settle_promises(
     came by its time, missed if after; other kinds are cancelled — and the one this
     update `answers` (the scheduler's own update: a holding update, a maintenance notice,
     start or end message) is `done`. Wanted reminders already pending stay (now the new
-    update's); one that fired already for that time is not made again."""
+    update's); one that fired already for that time is not made again. A holding draft
+    the scheduler made for the incident and nobody approved is obsolete now.
+
+    With `answers`, that reminder must still be pending, or ReminderSettledError rolls
+    the whole publish back: a person's update (or resolution) that came first wins."""
     table = REMINDERS
+    if answers is not None:
+        taken = conn.execute(
+            update(table)
+            .where(table.c.id == answers, table.c.state == _PENDING)
+            .values(state=ReminderState.DONE.value, fired_at=now)
+        ).rowcount
+        if taken != 1:
+            raise ReminderSettledError(f"reminder #{answers} was settled meanwhile")
+        kind = ReminderKind(
+            conn.execute(select(table.c.kind).where(table.c.id == answers)).scalar_one()
+        )
+        conn.execute(
+            update(table)
+            .where(table.c.id == answers)
+            .values(outcome=answered_outcome(kind, update_id))
+        )
+    conn.execute(
+        update(DRAFTS)
+        .where(
+            DRAFTS.c.incident_id == incident_id,
+            DRAFTS.c.source == SCHEDULER_SOURCE,
+            DRAFTS.c.state == DraftState.PENDING.value,
+        )
+        .values(state=DraftState.OBSOLETE.value, decided_by=actor, decided_at=now)
+    )
     keys = {_key(w.kind.value, w.due_at): w for w in wanted}
     pending = conn.execute(
         select(table.c.id, table.c.kind, table.c.due_at).where(
@@ -85,10 +124,7 @@ def settle_promises(
         if keys.pop(_key(row.kind, row.due_at), None) is not None:
             conn.execute(update(table).where(table.c.id == row.id).values(update_id=update_id))
             continue
-        if row.id == answers:
-            kind = ReminderKind(row.kind)
-            state, outcome = ReminderState.DONE, answered_outcome(kind, update_id)
-        elif row.kind == ReminderKind.HOLDING.value:
+        if row.kind == ReminderKind.HOLDING.value:
             state = ReminderState.KEPT if now <= row.due_at else ReminderState.MISSED
             outcome = f"update #{update_id} posted" + (" late" if now > row.due_at else "")
         else:
@@ -99,13 +135,10 @@ def settle_promises(
             .values(state=state.value, fired_at=now, outcome=outcome)
         )
     for want in keys.values():
-        known = conn.execute(
-            select(table.c.id, table.c.state).where(
-                table.c.incident_id == incident_id,
-                table.c.kind == want.kind.value,
-                table.c.due_at == want.due_at,
-            )
-        ).one_or_none()
+        same = [table.c.incident_id == incident_id, table.c.kind == want.kind.value]
+        if want.kind is not ReminderKind.ESCALATE:  # an incident escalates once, whenever
+            same.append(table.c.due_at == want.due_at)
+        known = conn.execute(select(table.c.id, table.c.state).where(*same)).first()
         if known is None:
             conn.execute(
                 insert(table).values(
@@ -151,6 +184,27 @@ class ReminderStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+
+    async def incident_of(self, update_id: int) -> int:
+        """The incident an update belongs to."""
+        return await self.store.read_session(
+            lambda s: int(
+                s.execute(
+                    select(UPDATES.c.incident_id).where(UPDATES.c.id == update_id)
+                ).scalar_one()
+            )
+        )
+
+    async def restore(
+        self, incident_id: int, update_id: int, wanted: Sequence[Wanted], *, actor: str
+    ) -> None:
+        """Make the incident's pending reminders `wanted`, as `update_id` asks for them (its
+        latest live update, once a later one was cancelled or retracted)."""
+        await self.store.write_connection(
+            lambda conn: settle_promises(
+                conn, incident_id, update_id, wanted, now=utcnow(), actor=actor
+            )
+        )
 
     async def due(self, now: datetime, *, limit: int = 100) -> list[Reminder]:
         """Pending reminders whose time has come, oldest first."""

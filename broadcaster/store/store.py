@@ -692,7 +692,13 @@ class Store:
         elif deliveries:
             conn.execute(insert(DELIVERIES), deliveries)
         settle_promises(
-            conn, incident_id, update_id, plan.reminders, now=now, answers=plan.keeps_reminder
+            conn,
+            incident_id,
+            update_id,
+            plan.reminders,
+            now=now,
+            actor=plan.actor,
+            answers=plan.keeps_reminder,
         )
         if plan.release_draft is not None:
             # In the same transaction as the update: a held draft goes out at most once,
