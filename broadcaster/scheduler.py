@@ -78,10 +78,13 @@ def field_time(value: str | None, timezone: str) -> datetime | None:
 
 
 def before(moment: datetime, offset: timedelta, timezone: str) -> datetime:
-    """`offset` before `moment` on the wall clock of `timezone`: 24 h before 02:00 is 02:00
-    the day before, even when a daylight-saving change lies between."""
+    """`offset` before `moment`: whole days on the wall clock of `timezone` (24 h before
+    02:00 is 02:00 the day before, even across a daylight-saving change), the rest in
+    real time (90 min before is 90 real minutes before)."""
+    days = timedelta(days=offset // timedelta(days=1))
     local = moment.astimezone(ZoneInfo(timezone))
-    return (local - offset).astimezone(UTC)  # aware arithmetic in one zone: wall clock
+    # Aware arithmetic within one zone is wall-clock arithmetic.
+    return (local - days).astimezone(UTC) - (offset - days)
 
 
 def reminders_for(

@@ -715,3 +715,15 @@ async def test_an_escalation_is_sent_even_late_and_only_once(
     await b.publish(outage(None, status=IncidentStatus.IDENTIFIED), opened.incident.id)
     assert await b.schedule() == []  # escalated once: a later update makes no new one
     assert len(told(slack)) == 1
+
+
+def test_a_notice_less_than_a_day_ahead_counts_real_minutes_across_the_change() -> None:
+    from broadcaster.scheduler import before
+
+    # 04:00 in Paris on the night clocks go forward (02:00 -> 03:00), 02:00 UTC.
+    start = datetime(2027, 3, 28, 2, 0, tzinfo=UTC)
+    assert start - before(start, timedelta(minutes=90), "Europe/Paris") == timedelta(minutes=90)
+    # A day and an hour: the day on the local clock (04:00 the day before), then an hour.
+    assert before(start, timedelta(hours=25), "Europe/Paris") == datetime(
+        2027, 3, 27, 2, 0, tzinfo=UTC
+    )
