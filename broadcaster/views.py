@@ -215,7 +215,7 @@ def subscribers_table(subscribers: Sequence[Subscriber], *, full: bool = False) 
     from broadcaster.subscribers import mask
 
     table = Table()
-    for column in ("id", "phone", "email", "language", "components", "channels", "since"):
+    for column in ("id", "phone", "email", "other", "language", "components", "channels", "since"):
         table.add_column(column, no_wrap=column in ("phone", "email"))
     for s in subscribers:
         channels = Text()
@@ -230,12 +230,26 @@ def subscribers_table(subscribers: Sequence[Subscriber], *, full: bool = False) 
             f"#{s.id}",
             (s.phone or "-") if full else mask(s.phone),
             (s.email or "-") if full else mask(s.email),
+            _other_addresses(s, full=full),
             s.language,
             ", ".join(s.components) if s.components is not None else "all",
             channels,
             f"{s.created_at:%Y-%m-%d}",
         )
     return table
+
+
+def _other_addresses(subscriber: Subscriber, *, full: bool) -> str:
+    """Their Telegram id and webhook URL, if any (masked unless `full`)."""
+    from broadcaster.subscribers import mask
+
+    shown = []
+    if subscriber.telegram:
+        shown.append(f"telegram {subscriber.telegram if full else mask(subscriber.telegram)}")
+    if subscriber.webhook_url:
+        url = subscriber.webhook_url
+        shown.append(f"webhook {url if full else mask(url)}")
+    return ", ".join(shown) or "-"
 
 
 def subscriber_json(subscriber: Subscriber, *, full: bool = False) -> dict[str, Any]:
@@ -247,6 +261,7 @@ def subscriber_json(subscriber: Subscriber, *, full: bool = False) -> dict[str, 
         data["phone"] = mask(subscriber.phone) if subscriber.phone else None
         data["email"] = mask(subscriber.email) if subscriber.email else None
         data["webhook_url"] = mask(subscriber.webhook_url) if subscriber.webhook_url else None
+        data["telegram"] = mask(subscriber.telegram) if subscriber.telegram else None
     return data
 
 

@@ -449,6 +449,12 @@ class TelegramSupportBot(InboundEndpoint):
                 state = await self.desk.current_state(self.name, language)
                 text = status_reply(state)
                 chosen = state.language
+                if command == "start" and self.channel.address_kind is not None:
+                    # Their first words with the bot: say how to be told of what comes.
+                    hint = self.desk.labels(self.name, language)["subscribe_help"]
+                    with_hint = f"{text}\n\n{_escape(hint)}"
+                    if _shown_length(with_hint) <= MAX_MESSAGE_CHARS:
+                        text = with_hint
             elif command in (SUBSCRIBE, UNSUBSCRIBE):
                 # A private chat's id is the user's id: where their updates will go.
                 address = str(message.chat.id)

@@ -269,7 +269,8 @@ def test_cli_add_webhook_url_refuses_in_one_line_and_masks_the_url(tmp_path: Pat
     assert full["webhook_url"] == url
     # A query-only URL still keeps its token out of sight.
     cli.ok("subscribers", "add", "--webhook-url", f"https://10.20.0.6?token={TOKEN}")
-    assert TOKEN not in cli.ok("subscribers", "list").stdout
+    listing = cli.ok("subscribers", "list").stdout
+    assert TOKEN not in listing and "webhook https://10.20.0.6/•••" in listing
 
 
 async def test_config_errors_say_what_to_change(make_broadcaster: MakeBroadcaster) -> None:

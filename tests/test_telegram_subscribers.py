@@ -273,6 +273,11 @@ async def test_help_on_a_subscriber_channel_mentions_subscribe_and_unsubscribe(
         assert (await says(api, BOB, "hello?", "fr")).startswith(
             "Envoyez /status pour connaître l'état actuel.\nEnvoyez /subscribe"
         )
+        # Their first words with the bot (/start) get the state and how to subscribe.
+        assert (await says(api, ANN, "/start", "en")).endswith(
+            "Send /subscribe to get every update here, or /subscribe followed by components "
+            "for only theirs; /unsubscribe to stop."
+        )
 
 
 # -- /unsubscribe, by polling -------------------------------------------------------------------
