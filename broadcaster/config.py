@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -598,23 +598,25 @@ class Settings(BaseSettings):
             self.routes[index] = route.model_copy(update=taken)
         return self
 
+    def _check_names(self, where: str, components: Iterable[str], channels: Iterable[str]) -> None:
+        """Refuse (naming `where`) a component or a channel the config does not have."""
+        unknown = [c for c in components if self.components and c not in self.components]
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown component '{unknown[0]}' — configured: "
+                f"{', '.join(self.components)}"
+            )
+        missing = [c for c in channels if c not in self.channels]
+        if missing:
+            raise ValueError(
+                f"{where}: unknown channel '{missing[0]}' — configured: "
+                f"{', '.join(self.channels) or 'none'}"
+            )
+
     @model_validator(mode="after")
     def _playbooks_name_what_exists(self) -> Settings:
         for name, playbook in self.playbooks.items():
-            unknown = [
-                c for c in playbook.components if self.components and c not in self.components
-            ]
-            if unknown:
-                raise ValueError(
-                    f"playbooks.{name}: unknown component '{unknown[0]}' — configured: "
-                    f"{', '.join(self.components)}"
-                )
-            missing = [c for c in playbook.channels or [] if c not in self.channels]
-            if missing:
-                raise ValueError(
-                    f"playbooks.{name}: unknown channel '{missing[0]}' — configured: "
-                    f"{', '.join(self.channels) or 'none'}"
-                )
+            self._check_names(f"playbooks.{name}", playbook.components, playbook.channels or [])
         return self
 
     @model_validator(mode="after")
@@ -622,32 +624,14 @@ class Settings(BaseSettings):
         """A route naming an unknown component or channel would fail on every alert it
         matches, mid-outage: refuse it when the config loads instead."""
         for index, route in enumerate(self.routes):
-            unknown = [c for c in route.components if self.components and c not in self.components]
-            if unknown:
-                raise ValueError(
-                    f"routes[{index}] ({route.name}): unknown component '{unknown[0]}' — "
-                    f"configured: {', '.join(self.components)}"
-                )
-            missing = [c for c in route.channels or [] if c not in self.channels]
-            if missing:
-                raise ValueError(
-                    f"routes[{index}] ({route.name}): unknown channel '{missing[0]}' — "
-                    f"configured: {', '.join(self.channels) or 'none'}"
-                )
+            where = f"routes[{index}] ({route.name})"
+            self._check_names(where, route.components, route.channels or [])
         return self
 
     @model_validator(mode="after")
     def _team_channels_exist(self) -> Settings:
-        for setting, names in (
-            ("notify", self.cadence.notify),
-            ("escalate_to", self.cadence.escalate_to),
-        ):
-            missing = [c for c in names if c not in self.channels]
-            if missing:
-                raise ValueError(
-                    f"cadence.{setting}: unknown channel '{missing[0]}' — configured: "
-                    f"{', '.join(self.channels) or 'none'}"
-                )
+        self._check_names("cadence.notify", (), self.cadence.notify)
+        self._check_names("cadence.escalate_to", (), self.cadence.escalate_to)
         return self
 
     @model_validator(mode="after")

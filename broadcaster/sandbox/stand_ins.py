@@ -33,6 +33,7 @@ from broadcaster.sandbox.bluesky import FakePds
 from broadcaster.sandbox.discord import FakeDiscord
 from broadcaster.sandbox.mastodon import DEFAULT_TOKEN as MASTODON_TOKEN
 from broadcaster.sandbox.mastodon import FakeMastodon
+from broadcaster.sandbox.server import SimulatorServer
 from broadcaster.sandbox.slack import DEFAULT_TOKEN as SLACK_TOKEN
 from broadcaster.sandbox.slack import SlackWebApi
 from broadcaster.sandbox.smtp import FakeSmtp
@@ -62,6 +63,7 @@ __all__ = [
 
 LOOPBACK = "127.0.0.1"
 S = TypeVar("S")
+H = TypeVar("H", bound=SimulatorServer)
 
 
 class SecretFiles:
@@ -143,7 +145,15 @@ class StandIn(ABC, Generic[S]):
         raise NotImplementedError(f"{self.provider} has no subscribers")
 
 
-class WebhookStandIn(StandIn[WebhookReceiver]):
+class HttpStandIn(StandIn[H]):
+    """A stand-in whose simulator is an HTTP server: it is where its URL says."""
+
+    @property
+    def where(self) -> str:
+        return self.simulator.url
+
+
+class WebhookStandIn(HttpStandIn[WebhookReceiver]):
     """Webhook targets become receiver targets with the same names; a subscriber channel
     reaches made-up subscribers' URLs on the receiver (allowed: 127.0.0.0/8 over http)."""
 
@@ -157,10 +167,6 @@ class WebhookStandIn(StandIn[WebhookReceiver]):
 
     def _simulator_for_expected(self) -> AbstractAsyncContextManager[WebhookReceiver]:
         return WebhookReceiver(secret=self.secret)
-
-    @property
-    def where(self) -> str:
-        return self.simulator.url
 
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
@@ -222,7 +228,7 @@ class BannerStandIn(StandIn[None]):
         return {"output": str(path)}
 
 
-class SlackStandIn(StandIn[SlackWebApi]):
+class SlackStandIn(HttpStandIn[SlackWebApi]):
     """Slack's Web API, with the expected channels' Slack channel ids."""
 
     provider = "Slack"
@@ -231,10 +237,6 @@ class SlackStandIn(StandIn[SlackWebApi]):
     def _simulator_for_expected(self) -> AbstractAsyncContextManager[SlackWebApi]:
         ids = [str(c) for config in self.configs.values() for c in config.get("channels", [])]
         return SlackWebApi(tokens=(SLACK_TOKEN,), channels=tuple(dict.fromkeys(ids)))
-
-    @property
-    def where(self) -> str:
-        return self.simulator.url
 
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
@@ -249,7 +251,7 @@ class SlackStandIn(StandIn[SlackWebApi]):
 _FIRST_TELEGRAM_USER = 7_000_000_000
 
 
-class TelegramStandIn(StandIn[FakeTelegram]):
+class TelegramStandIn(HttpStandIn[FakeTelegram]):
     """Telegram's Bot API, with the expected chats (the same ids; an @username gets a
     made-up id) and, for a subscriber channel, a private chat per made-up subscriber."""
 
@@ -274,10 +276,6 @@ class TelegramStandIn(StandIn[FakeTelegram]):
                     chats[number] = FakeChat(id=number, type=kind, title=chat)
         return FakeTelegram(token=self.token, chats=list(chats.values()))
 
-    @property
-    def where(self) -> str:
-        return self.simulator.url
-
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
     ) -> dict[str, Any]:
@@ -297,7 +295,7 @@ class TelegramStandIn(StandIn[FakeTelegram]):
         return str(user)
 
 
-class BlueskyStandIn(StandIn[FakePds]):
+class BlueskyStandIn(HttpStandIn[FakePds]):
     """A PDS holding the expected channel's account (its handle), with a made-up app
     password."""
 
@@ -314,10 +312,6 @@ class BlueskyStandIn(StandIn[FakePds]):
             raise ValueError(f"one Bluesky account per simulator, not {sorted(handles)}")
         return FakePds(handle=handles.pop(), password=self.password)
 
-    @property
-    def where(self) -> str:
-        return self.simulator.url
-
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
     ) -> dict[str, Any]:
@@ -327,16 +321,12 @@ class BlueskyStandIn(StandIn[FakePds]):
         }
 
 
-class MastodonStandIn(StandIn[FakeMastodon]):
+class MastodonStandIn(HttpStandIn[FakeMastodon]):
     provider = "Mastodon"
     replaced = frozenset({"access_token", "base_url"})
 
     def _simulator_for_expected(self) -> AbstractAsyncContextManager[FakeMastodon]:
         return FakeMastodon()
-
-    @property
-    def where(self) -> str:
-        return self.simulator.url
 
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
@@ -347,7 +337,7 @@ class MastodonStandIn(StandIn[FakeMastodon]):
         }
 
 
-class DiscordStandIn(StandIn[FakeDiscord]):
+class DiscordStandIn(HttpStandIn[FakeDiscord]):
     """A Discord webhook (its URL is the credential), with the expected thread ids."""
 
     provider = "Discord"
@@ -359,17 +349,13 @@ class DiscordStandIn(StandIn[FakeDiscord]):
         threads = [str(c["thread_id"]) for c in self.configs.values() if c.get("thread_id")]
         return FakeDiscord(threads=tuple(threads))
 
-    @property
-    def where(self) -> str:
-        return self.simulator.url
-
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
     ) -> dict[str, Any]:
         return {"webhook_url": files.ref(f"{name}-webhook-url", self.simulator.webhook_url)}
 
 
-class TeamsStandIn(StandIn[FakeTeamsWorkflow]):
+class TeamsStandIn(HttpStandIn[FakeTeamsWorkflow]):
     """A Workflows webhook per channel (its signed URL is the credential)."""
 
     provider = "Teams"
@@ -377,10 +363,6 @@ class TeamsStandIn(StandIn[FakeTeamsWorkflow]):
 
     def _simulator_for_expected(self) -> AbstractAsyncContextManager[FakeTeamsWorkflow]:
         return FakeTeamsWorkflow()
-
-    @property
-    def where(self) -> str:
-        return self.simulator.url
 
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
@@ -394,7 +376,7 @@ class TeamsStandIn(StandIn[FakeTeamsWorkflow]):
 _PHONE = "+33699{:06d}"
 
 
-class SmsStandIn(StandIn[FakeTwilio]):
+class SmsStandIn(HttpStandIn[FakeTwilio]):
     """Twilio's Messages API, knowing the expected channels' Account SIDs (not secret).
 
     Without `receipts` (a drill: nothing answers Twilio's callbacks) no delivery receipt
@@ -410,10 +392,6 @@ class SmsStandIn(StandIn[FakeTwilio]):
     def _simulator_for_expected(self) -> AbstractAsyncContextManager[FakeTwilio]:
         accounts = {str(c["account_sid"]): TWILIO_AUTH_TOKEN for c in self.configs.values()}
         return FakeTwilio(accounts=accounts or None)
-
-    @property
-    def where(self) -> str:
-        return self.simulator.url
 
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
