@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
@@ -866,6 +866,18 @@ class Store:
                 return waiting, False
 
         def create(session: Session) -> tuple[Draft, bool]:
+            if (
+                publish_key
+                and session.bind is not None
+                and session.bind.dialect.name == "postgresql"
+            ):
+                # Two nodes drafting the same alert at once (a load balancer delivered it
+                # to both): the second waits here for the first to commit, then finds it.
+                # (SQLite has one writer at a time already.)
+                session.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                    {"key": f"draft:{publish_key}"},
+                )
             if publish_key:
                 waiting = _waiting_draft(session, publish_key, alert_key)
                 if waiting is not None:
