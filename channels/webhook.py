@@ -326,7 +326,11 @@ class WebhookChannel(HttpChannel):
             headers["webhook-signature"] = signer.sign(  # type: ignore[attr-defined]
                 message.delivery_key, now, body
             )
-        await self.post_json(url, body.encode(), headers, what=what, classify=classify)
+        try:
+            await self.post_json(url, body.encode(), headers, what=what, classify=classify)
+        except EndpointGoneError:
+            await self.opt_out(url, "webhook 410")  # as an SMS STOP: until they opt in again
+            raise
         return Receipt(delivered=True)
 
     async def check_config(self) -> list[str]:
@@ -352,6 +356,12 @@ def subscriber_answers(what: str) -> HttpClassifier:
         if status in (408, 429) or status >= 500:
             retry_after = retry_after_seconds(headers.get("Retry-After"))
             return TransientError(message, retry_after=retry_after)
+        if status == 410:
+            return EndpointGoneError(f"{message} (gone: the subscriber is opted out)")
         return PermanentError(message)
 
     return classify
+
+
+class EndpointGoneError(PermanentError):
+    """A subscriber's URL answered 410 Gone: Standard Webhooks' way to say "stop"."""

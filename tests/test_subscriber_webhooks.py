@@ -306,7 +306,11 @@ async def test_each_subscriber_gets_the_update_signed_in_their_language(
     assert progress.counts == {DeliveryState.DELIVERED: 2, DeliveryState.FAILED: 1}
     (failure,) = progress.failures
     assert failure.recipient == str(gone.id)
-    assert failure.last_error == f"hooks → subscriber #{gone.id}: HTTP 410"
+    assert failure.last_error == (
+        f"hooks → subscriber #{gone.id}: HTTP 410 (gone: the subscriber is opted out)"
+    )
+    # 410 Gone is Standard Webhooks' "stop": opted out, like an SMS STOP.
+    assert (await b.subscriber(gone.id)).channels == {"hooks": False}
     render = (await b.store.renders(result.update.id))["hooks"]
     deliveries = await by_subscriber(b, result)
     # Each was given their own secret at registration (never the channel's).
