@@ -17,6 +17,7 @@ BROADCASTER_* variables (a BROADCASTER_STORE must not point a drill at the real 
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from collections import Counter
@@ -149,7 +150,9 @@ async def run_drill(
 
 
 def _check_folder(settings: Settings, folder: Path) -> None:
-    """The drill writes a config and a store into `folder`: never over the user's."""
+    """The drill writes a config, a store, secret files and a status page into `folder`:
+    only into a folder of its own — missing, empty, or made by an earlier drill — so it
+    never writes over the user's config, store, secrets, session files or live site."""
     folder = folder.resolve()
     config = folder / "broadcaster.toml"
     mine = settings.config_path.resolve() if settings.config_path else None
@@ -157,10 +160,12 @@ def _check_folder(settings: Settings, folder: Path) -> None:
         raise BroadcasterError(
             f"--dir {folder} holds your own config or store — give the drill a folder of its own"
         )
-    if config.is_file() and not config.read_text().startswith(HEADER):
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    if not (config.is_file() and config.read_text().startswith(HEADER)):
         raise BroadcasterError(
-            f"--dir {folder} holds a broadcaster.toml not written by a drill — give the drill "
-            "a folder of its own"
+            f"--dir {folder} is not empty and no drill made it — give the drill an empty "
+            "folder of its own (or one an earlier drill made)"
         )
 
 
@@ -181,6 +186,13 @@ async def _drill(
     keep: bool,
 ) -> DrillReport:
     folder.mkdir(parents=True, exist_ok=True)
+    # The simulators are on the loopback: never through a proxy of the environment (the
+    # SDKs that honour HTTP_PROXY would send the drill's requests off this machine).
+    for variable in ("NO_PROXY", "no_proxy"):
+        present = [h.strip() for h in os.environ.get(variable, "").split(",") if h.strip()]
+        missing = [h for h in ("127.0.0.1", "localhost") if h not in present]
+        if missing:
+            os.environ[variable] = ",".join([*present, *missing])
     for suffix in ("", "-wal", "-shm"):  # a fresh store on every run
         (folder / (STORE_FILE + suffix)).unlink(missing_ok=True)
     skipped: list[SkippedChannel] = []

@@ -364,3 +364,31 @@ def test_a_url_left_pointing_outside_is_caught_before_anything_is_sent(tmp_path:
         "channels.mail.host: smtp.invalid is not 127.0.0.1",
         "a secret file: discord.invalid is not 127.0.0.1",
     ]
+
+
+def test_a_folder_the_drill_did_not_make_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    live = tmp_path / "site"
+    (live / "secrets").mkdir(parents=True)
+    (live / "secrets" / "slack-status-token").write_text("xoxb-REAL")
+    (live / "index.html").write_text("LIVE PAGE")
+    result = drill(config, "total-outage", "--dir", str(live))
+    assert result.exit_code == 1
+    assert "is not empty and no drill made it" in result.stderr
+    assert (live / "secrets" / "slack-status-token").read_text() == "xoxb-REAL"
+    assert (live / "index.html").read_text() == "LIVE PAGE"
+    assert sorted(p.name for p in live.iterdir()) == ["index.html", "secrets"]
+
+
+@pytest.mark.timeout(60)
+def test_a_proxy_in_the_environment_never_carries_drill_traffic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, "http://proxy.invalid:3128")  # nothing answers there
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    config = write_config(tmp_path)
+    result = drill(config, "total-outage", "--subscribers", "2")
+    assert result.exit_code == 0, result.output
+    assert "drill passed" in result.stdout

@@ -425,6 +425,7 @@ class EmailStandIn(StandIn[FakeSmtp]):
             "dkim_private_key",
             "dkim_domain",
             "unsubscribe_url",
+            "helo_hostname",
         }
     )
 
@@ -438,7 +439,13 @@ class EmailStandIn(StandIn[FakeSmtp]):
     def _on_simulator(
         self, name: str, written: Mapping[str, Any], files: SecretFiles
     ) -> dict[str, Any]:
-        return {"host": LOOPBACK, "port": self.simulator.port, "security": "none"}
+        # HELO as localhost: the machine's own name would be looked up in DNS.
+        return {
+            "host": LOOPBACK,
+            "port": self.simulator.port,
+            "security": "none",
+            "helo_hostname": "localhost",
+        }
 
     def subscriber_address(self, name: str, number: int) -> str:
         return f"subscriber-{number:06d}@example.com"
@@ -460,9 +467,14 @@ STAND_INS: dict[str, type[StandIn[Any]]] = {
 
 def stand_in_for(channel_type: str) -> StandIn[Any] | None:
     """A fresh stand-in for a channel type, or None when no simulator exists for it (a
-    third-party adapter)."""
+    third-party adapter — also one registered under a built-in type's name: its config
+    may have keys the stand-in knows nothing of)."""
+    from broadcaster.adapters import load_adapter
+
     kind = STAND_INS.get(channel_type)
-    return kind() if kind is not None else None
+    if kind is None or not load_adapter(channel_type).__module__.startswith("channels."):
+        return None
+    return kind()
 
 
 def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
