@@ -78,6 +78,11 @@ _SCHEDULER = "scheduler"
 _HOLDING_TEMPLATE = "holding"
 _RECIPIENTS_SHOWN = 5
 
+# "channel → who: " at the start of a delivery's error (after "gave up after N …: ")
+_PER_RECIPIENT = re.compile(r"[\w.-]+ → [^:]+: ")
+# C0 and C1 control characters but tab and newline
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
 
 class EventKind(StrEnum):
     """What happened at one moment of the timeline."""
@@ -307,7 +312,8 @@ def _channels(
             report.time_to_first_message_seconds = _seconds(report.first_message_at - started_at)
     groups: dict[tuple[str, str, DeliveryState], list[Delivery]] = {}
     for delivery in sorted(failed, key=lambda d: d.id):
-        reason = (delivery.last_error or "").strip() or "no reason recorded"
+        # Without who it was ("sms → subscriber #17: "): one reason, however many had it.
+        reason = _PER_RECIPIENT.sub("", delivery.last_error or "").strip() or "no reason recorded"
         groups.setdefault((delivery.channel, reason, delivery.state), []).append(delivery)
     for (name, reason, state), deliveries in groups.items():
         report = reports.setdefault(name, ChannelReport(channel=name))
@@ -576,11 +582,21 @@ def _counts_text(counts: dict[DeliveryState, int]) -> str:
     return ", ".join(f"{counts[s]} {s.value}" for s in DeliveryState if counts.get(s))
 
 
+def _printable(value: object) -> object:
+    """Every value a template prints, without control characters (an ESC in a title
+    would be a terminal escape in the Markdown, and makes the SVG unreadable)."""
+    if isinstance(value, str):
+        cleaned = _CONTROL.sub("", value)
+        return Markup(cleaned) if isinstance(value, Markup) else cleaned
+    return value
+
+
 @cache
 def _environment(*, autoescape: bool) -> Environment:
     environment = Environment(
         loader=PackageLoader("broadcaster", "report_templates"),
         autoescape=autoescape,
+        finalize=_printable,
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

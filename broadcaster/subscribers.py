@@ -29,6 +29,7 @@ __all__ = [
 # Columns a CSV may have (a header row names them); `components` and `channels` are
 # separated by spaces or semicolons.
 _HOST_PREFIX = re.compile(r"^[A-Za-z0-9.:-]*")
+_USER_ID = re.compile(r"[0-9]{1,20}")  # ASCII digits: isdigit() takes "²³⁴" too
 CSV_COLUMNS = ("phone", "email", "language", "components", "timezone", "channels")
 
 
@@ -82,7 +83,7 @@ def normalise_email(raw: str) -> str:
 def normalise_telegram(raw: str) -> str:
     """A Telegram user id (a private chat with the bot), or InvalidSubscriberError."""
     value = raw.strip()
-    if not value.isdigit() or len(value) > 20:
+    if not _USER_ID.fullmatch(value):
         raise InvalidSubscriberError(f"telegram '{raw}' is not a Telegram user id")
     return value
 
@@ -124,6 +125,8 @@ def mask(address: str | None) -> str:
     if "@" in address:
         local, _, domain = address.partition("@")
         return f"{local[:1]}•••@{domain}"
+    if not address.startswith("+"):  # a Telegram user id: short, so nearly all hidden
+        return f"tg•••{address[-2:]}"
     return f"{address[:4]}•••••{address[-2:]}" if len(address) > 6 else "•••"
 
 

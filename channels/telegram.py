@@ -74,6 +74,8 @@ GROUP_RATE_LIMIT = RateLimit(
 # BadRequest texts saying the message to change is gone (deleted, or too old to touch).
 _GONE = re.compile(r"message to (delete|edit) not found|message can't be deleted", re.I)
 _CHAT = re.compile(r"@[A-Za-z][A-Za-z0-9_]{3,}|-?[0-9]+")
+# Forbidden texts saying the user left the bot (blocked it, or deleted their account).
+_USER_LEFT = re.compile(r"blocked by the user|user is deactivated", re.I)
 # setWebhook's secret_token: "1-256 characters. Only characters A-Z, a-z, 0-9, _ and -".
 _WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
@@ -157,7 +159,7 @@ def telegram_html(text: str) -> str:
 
 def is_private_chat(chat: str) -> bool:
     """User ids are positive; groups and channels are negative or @usernames."""
-    return chat.isdigit()
+    return chat.isascii() and chat.isdigit()
 
 
 def retry_after_of(error: Any) -> float:
@@ -171,8 +173,10 @@ def retry_after_of(error: Any) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+# A subscriber's own language; no edits: a fan-out makes new posts, so a correction
+# reaches subscribers as a follow-up under the update it corrects.
 SUBSCRIBER_CAPABILITIES = Capabilities(
-    threads=True, edits=True, deletes=True, per_recipient=True, languages="each"
+    threads=True, edits=False, deletes=True, per_recipient=True, languages="each"
 )
 
 
@@ -385,9 +389,15 @@ class TelegramChannel(Channel):
                 return chat, await call(chat)
         except TelegramError as error:
             problem = self.classify(error, what, chat)
-            if isinstance(error, Forbidden) and self.address_kind is not None:
-                # "bot was blocked by the user" (or "user is deactivated"): they left, and
-                # every later update would fail the same way — as an SMS STOP does.
+            if (
+                isinstance(error, Forbidden)
+                and self.address_kind is not None
+                and _USER_LEFT.search(str(error))
+            ):
+                # "bot was blocked by the user" or "user is deactivated": they left, and
+                # every later update would fail the same way — as an SMS STOP does. Not
+                # any Forbidden: "can't initiate conversation" is what every user says
+                # to a wrong bot token, and must not unsubscribe everyone.
                 await self.opt_out(chat, "telegram blocked")
             raise problem from error
 

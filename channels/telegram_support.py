@@ -51,6 +51,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 ALLOWED_UPDATES = ["message"]
 STATUS_COMMANDS = frozenset({"status", "start"})  # /start: what Telegram sends first
 SUBSCRIBE, UNSUBSCRIBE = "subscribe", "unsubscribe"
+MAX_COMPONENT_NAME, MAX_COMPONENTS = 64, 20  # what /subscribe takes when none are configured
 POLL_TIMEOUT_SECONDS = 30  # getUpdates long poll ("should be positive, short polling
 # should be used for testing purposes only")
 REPLY_ATTEMPTS = 3
@@ -94,8 +95,10 @@ def match_components(words: Sequence[str], known: Mapping[str, str]) -> tuple[li
     """(component names, words matching none) for what a user typed: a configured name
     or the name shown to users, in any case. With no components configured, every word
     is taken as it is (the core takes any name then)."""
-    if not known:
-        return list(dict.fromkeys(words)), []
+    if not known:  # any name, within reason
+        long = [w for w in words if len(w) > MAX_COMPONENT_NAME]
+        short = [w for w in dict.fromkeys(words) if len(w) <= MAX_COMPONENT_NAME]
+        return short[:MAX_COMPONENTS], long
     by_word = {name.lower(): name for name in known}
     by_word.update({shown.lower(): name for name, shown in known.items() if shown})
     names: list[str] = []

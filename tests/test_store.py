@@ -288,3 +288,23 @@ async def test_migrations_match_the_models(store: Store, store_url: str) -> None
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+async def test_an_erased_subscribers_id_is_never_given_again(store: Store) -> None:
+    """Deliveries name subscribers by id: a newcomer with an erased person's id would
+    inherit their deliveries (their export, a retraction's deletes)."""
+    from broadcaster.models import NewSubscriber
+    from broadcaster.store.subscribers import SubscriberStore
+    from broadcaster.subscribers import Address
+
+    rows = SubscriberStore(store)
+
+    async def add(email: str) -> int:
+        new = NewSubscriber(email=email)
+        added, _ = await rows.add(new, Address(phone=None, email=email), ["email"], source="t")
+        return added.id
+
+    await add("ann@example.com")
+    bob = await add("bob@example.com")
+    await rows.erase(bob)
+    assert await add("dieter@example.com") > bob

@@ -184,7 +184,7 @@ async def test_subscribe_by_webhook_then_each_update_reaches_them_privately_in_t
         rows += repr(conn.execute("SELECT * FROM audit").fetchall())
     for user in (ANN, BOB):
         assert str(user) not in logged and str(user) not in rows
-    assert "subscriber #1 (4242•••••21) added (telegram /subscribe)" in logged
+    assert "subscriber #1 (tg•••21) added (telegram /subscribe)" in logged
 
 
 async def test_subscribe_to_components_gets_only_updates_touching_them(
@@ -430,3 +430,42 @@ async def test_config_needs_chats_or_subscribers_but_not_both(
     assert channel.address_kind is not None and channel.recipients() == []
     # Bot FAQ: one message a second in a private chat, about 30 a second in all.
     assert channel.rate_limit_for("7") == RateLimit(per_target_per_second=1, global_per_second=30)
+
+
+async def test_a_wrong_bot_token_unsubscribes_nobody(
+    api: FakeTelegram, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await broadcaster_for(make_broadcaster, api)
+    async with polling(b):
+        await polled(api, ANN, "/subscribe")
+        await polled(api, BOB, "/subscribe")
+    # What every user answers to another bot's token: not a user who left.
+    api.fail(
+        "sendMessage",
+        BotApiFault(
+            error_code=403,
+            description="Forbidden: bot can't initiate conversation with a user",
+            times=None,
+        ),
+    )
+    incident = await publish(b, opening())
+    (progress,) = await b.progress(incident)
+    assert progress.counts == {DeliveryState.FAILED: 2}
+    assert {s.channels["tg-subs"] for s in (await subscribers(b)).values()} == {True}
+
+
+async def test_a_retraction_deletes_the_post_even_for_who_unsubscribed_since(
+    api: FakeTelegram, make_broadcaster: MakeBroadcaster
+) -> None:
+    b = await broadcaster_for(make_broadcaster, api)
+    async with polling(b):
+        await polled(api, ANN, "/subscribe")
+        await polled(api, BOB, "/subscribe")
+    result = await b.publish(opening())
+    await asyncio.wait_for(b.wait([result.update.id]), timeout=20)
+    async with polling(b):
+        await polled(api, ANN, "/unsubscribe")
+    await b.retract(result.update.id, actor="comms")
+    await asyncio.wait_for(b.wait(), timeout=20)
+    deleted = {c.params["chat_id"] for c in api.calls_of("deleteMessage") if c.status == 200}
+    assert deleted == {str(ANN), str(BOB)}

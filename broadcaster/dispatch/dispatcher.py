@@ -355,9 +355,15 @@ class Dispatcher:
         targets = await self.queue.targets(claimed)
         addresses: dict[int, tuple[str, str | None]] = {}
         if channel.address_kind is not None:
-            addresses = await self.subscribers.addresses(
-                channel.name, channel.address_kind, {int(c.recipient) for c in claimed}
-            )
+            posts = {int(c.recipient) for c in claimed if c.action != DeliveryAction.DELETE}
+            deletes = {int(c.recipient) for c in claimed} - posts
+            # A post goes only to who is still subscribed; a delete (a retraction) also
+            # reaches who left since: the wrong words must not stay in their chat.
+            addresses = await self.subscribers.addresses(channel.name, channel.address_kind, posts)
+            if deletes:
+                addresses |= await self.subscribers.addresses(
+                    channel.name, channel.address_kind, deletes, subscribed_only=False
+                )
         for item in claimed:
             if item.update_id not in renders:  # never expected: the queue must not stall
                 unrendered = Outcome(

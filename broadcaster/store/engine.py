@@ -17,7 +17,7 @@ from broadcaster.errors import BroadcasterError
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration; a test checks it matches the migrations folder, so a store
 # already at it skips Alembic (and its import) entirely.
-HEAD_REVISION = "0009_subscriber_timezone_index"
+HEAD_REVISION = "0010_subscriber_ids_never_reused"
 
 
 # Execution option marking a connection that will write (see the "begin" event below).
@@ -46,11 +46,17 @@ def create_engine(url: str) -> AsyncEngine:
         # of webhook requests does not open (and close) overflow connections, a thread
         # and four PRAGMAs each.
         engine = create_async_engine(
-            url, connect_args={"timeout": 30}, pool_size=16, max_overflow=16
+            url,
+            connect_args={"timeout": 30},
+            pool_size=16,
+            max_overflow=16,
+            hide_parameters=True,  # a statement's values (addresses) never in an error
         )
         _sqlite_settings(engine.sync_engine)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+    )
 
 
 def create_thread_engine(url: str) -> Engine | None:
@@ -63,6 +69,7 @@ def create_thread_engine(url: str) -> Engine | None:
         connect_args={"timeout": 30, "check_same_thread": False},
         pool_size=4,
         max_overflow=4,
+        hide_parameters=True,
     )
     _sqlite_settings(engine)
     return engine

@@ -348,26 +348,28 @@ class SubscriberStore:
         )
 
     async def addresses(
-        self, channel: str, kind: AddressKind, subscriber_ids: Collection[int]
+        self,
+        channel: str,
+        kind: AddressKind,
+        subscriber_ids: Collection[int],
+        *,
+        subscribed_only: bool = True,
     ) -> dict[int, tuple[str, str | None]]:
-        """The address and time zone of each of these subscribers still subscribed to
-        the channel."""
+        """The address and time zone of each of these subscribers (still subscribed to
+        the channel, unless `subscribed_only` is off: deleting a post already sent to
+        someone who left since)."""
         column = address_column(kind)
         if not subscriber_ids:
             return {}
+        query = select(SUBSCRIBERS.c.id, column, SUBSCRIBERS.c.timezone).where(
+            SUBSCRIBERS.c.id.in_(list(subscriber_ids)), column.is_not(None)
+        )
+        if subscribed_only:
+            query = query.join(
+                SUBSCRIPTIONS, SUBSCRIPTIONS.c.subscriber_id == SUBSCRIBERS.c.id
+            ).where(SUBSCRIPTIONS.c.channel == channel, SUBSCRIPTIONS.c.subscribed.is_(True))
         async with self.store.engine.connect() as conn:  # a read: no write lock
-            rows = (
-                await conn.execute(
-                    select(SUBSCRIBERS.c.id, column, SUBSCRIBERS.c.timezone)
-                    .join(SUBSCRIPTIONS, SUBSCRIPTIONS.c.subscriber_id == SUBSCRIBERS.c.id)
-                    .where(
-                        SUBSCRIBERS.c.id.in_(list(subscriber_ids)),
-                        SUBSCRIPTIONS.c.channel == channel,
-                        SUBSCRIPTIONS.c.subscribed.is_(True),
-                        column.is_not(None),
-                    )
-                )
-            ).all()
+            rows = (await conn.execute(query)).all()
         return {row[0]: (row[1], row[2]) for row in rows}
 
 

@@ -232,6 +232,8 @@ class SubscriberRow(Base):
     __table_args__ = (
         UniqueConstraint("telegram", name="uq_subscribers_telegram"),
         UniqueConstraint("webhook_url", name="uq_subscribers_webhook_url"),
+        # An erased subscriber's id is never given again (deliveries name them by id).
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
