@@ -875,8 +875,20 @@ class Broadcaster:
                 detail=self.store.engine.url.render_as_string(hide_password=True),
             ),
         ]
+        receivers: dict[str, list[str]] = {}
+        for name, channel in self.channels.items():
+            key = channel.inbound_key()
+            if key is not None:
+                receivers.setdefault(key, []).append(name)
         for name, channel in self.channels.items():
             problems = await channel.check_config()
+            sharing = [n for n in receivers.get(channel.inbound_key() or "", []) if n != name]
+            if sharing:
+                problems.append(
+                    f"{name}: {', '.join(sharing)} receive the same provider traffic (one "
+                    "bot, one webhook): the last one started takes it all — keep the "
+                    "support bot on one of them (the subscriber channel, for /subscribe)"
+                )
             checks.append(
                 DoctorCheck(
                     subject=f"channel {name}",

@@ -268,6 +268,12 @@ class Channel(ABC):
         """A new inbound endpoint when this instance's config turns one on; None if not."""
         return None
 
+    def inbound_key(self) -> str | None:
+        """What the provider sends this instance's inbound traffic by, when one provider
+        account can have only one receiver (a Telegram bot has one webhook): two
+        instances with the same key would take each other's; None: no such limit."""
+        return None
+
     async def opt_out(self, address: str, source: str) -> None:
         """Record that a subscriber refused this channel at the provider (an SMS STOP
         Twilio enforces, a Telegram user who blocked the bot), so fan-outs skip them from

@@ -227,6 +227,10 @@ class TelegramChannel(Channel):
             return None
         return self.support_bot()
 
+    def inbound_key(self) -> str | None:
+        """A bot has one webhook (or one poller): one support bot per token."""
+        return self.account_key() if self.config.support_bot else None
+
     def support_bot(self) -> TelegramSupportBot:
         """A new support bot on this channel's bot (its own HTTP client)."""
         desk = self.context.support_desk

@@ -469,3 +469,20 @@ async def test_a_retraction_deletes_the_post_even_for_who_unsubscribed_since(
     await asyncio.wait_for(b.wait(), timeout=20)
     deleted = {c.params["chat_id"] for c in api.calls_of("deleteMessage") if c.status == 200}
     assert deleted == {str(ANN), str(BOB)}
+
+
+async def test_doctor_says_when_two_channels_run_a_support_bot_on_one_token(
+    api: FakeTelegram, make_broadcaster: MakeBroadcaster
+) -> None:
+    public = {**subscriber_channel(api.url), "subscribers": False, "chats": [CHANNEL.id]}
+    b = await make_broadcaster({"tg-subs": subscriber_channel(api.url), "tg-public": public})
+    checks = {c.subject: c for c in await b.doctor()}
+    for name, other in (("tg-subs", "tg-public"), ("tg-public", "tg-subs")):
+        assert not checks[f"channel {name}"].ok
+        assert (
+            f"{name}: {other} receive the same provider traffic" in checks[f"channel {name}"].detail
+        )
+    # The support bot on the subscriber channel only: nothing to say.
+    quiet = {**public, "support_bot": False}
+    b = await make_broadcaster({"tg-subs": subscriber_channel(api.url), "tg-public": quiet})
+    assert all(c.ok for c in await b.doctor() if c.subject.startswith("channel"))
