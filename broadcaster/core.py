@@ -728,6 +728,11 @@ class Broadcaster:
     async def audit(self, incident_id: int) -> list[AuditEntry]:
         return await self.store.audit(incident_id)
 
+    async def first_messages(self, incident_id: int) -> dict[str, datetime]:
+        """Per channel, when the incident's first message was accepted there."""
+        await self.store.get_incident(incident_id)
+        return await self.store.first_messages(incident_id)
+
     async def _channel_broken(self, channel: str, reason: str) -> None:
         await self.scheduler.channel_broken(channel, reason)
 

@@ -8,6 +8,7 @@ the same thing in either mode.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class Operations(Protocol):
     ) -> list[Delivery]: ...
 
     async def audit(self, incident_id: int) -> list[AuditEntry]: ...
+
+    async def first_messages(self, incident_id: int) -> dict[str, datetime]: ...
 
     async def schedule(self, *, limit: int = 100) -> list[Reminder]: ...
 

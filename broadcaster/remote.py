@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -220,6 +221,11 @@ class RemoteBroadcaster:
 
     async def audit(self, incident_id: int) -> list[AuditEntry]:
         return await self._call("GET", f"/incidents/{incident_id}/audit", list[AuditEntry])
+
+    async def first_messages(self, incident_id: int) -> dict[str, datetime]:
+        return await self._call(
+            "GET", f"/incidents/{incident_id}/first-messages", dict[str, datetime]
+        )
 
     async def schedule(self, *, limit: int = 100) -> list[Reminder]:
         return await self._call("GET", "/schedule", list[Reminder], params=[("limit", str(limit))])

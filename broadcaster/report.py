@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -48,6 +48,8 @@ from broadcaster.models import (
     ReminderState,
     Update,
 )
+from broadcaster.scheduler import HOLDING_TEMPLATE
+from broadcaster.store.reminders import SCHEDULER_SOURCE
 
 if TYPE_CHECKING:
     from broadcaster.operations import Operations
@@ -70,12 +72,7 @@ __all__ = [
 ]
 
 ReportFormat = Literal["md", "html", "both"]
-# Posts a reader sees: an update's own post, or its stand-in on a subscriber's fallback
-# channel (edits and deletes change a post already counted).
-_POSTING = (DeliveryAction.POST, DeliveryAction.FALLBACK)
 _HOLDING_UPDATE = re.compile(r"holding update #(\d+)")
-_SCHEDULER = "scheduler"
-_HOLDING_TEMPLATE = "holding"
 _RECIPIENTS_SHOWN = 5
 
 # "channel → who: " at the start of a delivery's error (after "gave up after N …: ")
@@ -216,15 +213,15 @@ async def build_report(
     """Gather one incident's communication facts through `ops` (local or remote)."""
     zone = report_zone(timezone)  # an unknown zone fails here, before any request
     incident = await ops.incident(incident_id)  # NotFoundError for an unknown incident
-    progress, failed, succeeded, audit, reminders = await asyncio.gather(
+    progress, failed, first_messages, audit, reminders = await asyncio.gather(
         ops.progress(incident_id),
         ops.deliveries(incident_id, states=FAILED_STATES),
-        ops.deliveries(incident_id, states=SUCCESS_STATES),
+        ops.first_messages(incident_id),  # one aggregate: not every delivery sent
         ops.audit(incident_id),
         ops.reminders(incident_id),
     )
     started_at, started_from = _start(incident)
-    channels = _channels(incident, progress, failed, succeeded, started_at)
+    channels = _channels(incident, progress, failed, first_messages, started_at)
     delivered = [c for c in channels if c.first_message_at is not None]
     first = min(delivered, key=lambda c: (c.first_message_at, c.channel), default=None)
     promises = _promises(reminders)
@@ -286,7 +283,7 @@ def _channels(
     incident: Incident,
     progress: Sequence[ChannelProgress],
     failed: Sequence[Delivery],
-    succeeded: Sequence[Delivery],
+    first_messages: Mapping[str, datetime],
     started_at: datetime,
 ) -> list[ChannelReport]:
     names: dict[str, None] = {}
@@ -300,13 +297,8 @@ def _channels(
             report.counts[state] = report.counts.get(state, 0) + count
         report.actions[item.action] = report.actions.get(item.action, 0) + item.total
         report.broken = report.broken or item.broken
-    for delivery in succeeded:
-        report = reports.setdefault(delivery.channel, ChannelReport(channel=delivery.channel))
-        if delivery.action not in _POSTING:
-            continue
-        accepted = delivery.sent_at or delivery.updated_at
-        if report.first_message_at is None or accepted < report.first_message_at:
-            report.first_message_at = accepted
+    for name, accepted in first_messages.items():
+        reports.setdefault(name, ChannelReport(channel=name)).first_message_at = accepted
     for report in reports.values():
         if report.first_message_at is not None:
             report.time_to_first_message_seconds = _seconds(report.first_message_at - started_at)
@@ -372,7 +364,7 @@ def _update_event(update: Update, first: bool, zone: ZoneInfo) -> TimelineEvent:
         kind, what = EventKind.OPENED, f"Opened: {update.status.value}"
     elif update.corrects is not None:
         kind, what = EventKind.CORRECTION, f"Correction of update #{update.corrects}"
-    elif update.template == _HOLDING_TEMPLATE and update.actor == _SCHEDULER:
+    elif update.template == HOLDING_TEMPLATE and update.actor == SCHEDULER_SOURCE:
         kind, what = EventKind.HOLDING, "Holding update (the promised update had not come)"
     else:
         kind, what = EventKind.UPDATE, f"Update: {update.status.value}"

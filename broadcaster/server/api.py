@@ -12,6 +12,7 @@ import hmac
 import logging
 import pathlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
@@ -317,6 +318,11 @@ def api_router(broadcaster: Broadcaster) -> APIRouter:
             settled=await broadcaster.settled(update_id),
             channels=await broadcaster.store.progress(update_ids=update_id),
         )
+
+    @router.get("/incidents/{incident_id}/first-messages")
+    async def first_messages(incident_id: IncidentId, _who: Reader) -> dict[str, datetime]:
+        """Per channel, when the incident's first message was accepted there."""
+        return await broadcaster.first_messages(incident_id)
 
     @router.get("/incidents/{incident_id}/reminders")
     async def reminders(incident_id: IncidentId, _who: Reader) -> list[Reminder]:

@@ -18,7 +18,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    type_coerce,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
@@ -1140,6 +1150,25 @@ class Store:
             total += deleted
             if deleted < batch:
                 return total
+
+    async def first_messages(self, incident_id: int) -> dict[str, datetime]:
+        """Per channel, when the provider accepted the incident's first post (or a
+        fallback's): one aggregate, however many deliveries there were."""
+        row = DeliveryRow
+        # Typed, so SQLite's MIN (text) is read back as an aware datetime too.
+        accepted = type_coerce(func.min(func.coalesce(row.sent_at, row.updated_at)), UtcDateTime())
+        query = (
+            select(row.channel, accepted)
+            .where(
+                row.incident_id == incident_id,
+                row.state.in_([s.value for s in SUCCESS_STATES]),
+                row.action.in_([DeliveryAction.POST.value, DeliveryAction.FALLBACK.value]),
+            )
+            .group_by(row.channel)
+        )
+        async with self.sessions() as session:
+            found = (await session.execute(query)).all()
+        return {channel: at for channel, at in found if at is not None}
 
     async def deliveries_to(self, recipient: str, channels: Sequence[str]) -> list[Delivery]:
         """Every delivery to one recipient of these channels (a subscriber's history)."""
