@@ -349,7 +349,7 @@ class StoreSupportDesk:
     async def record_receipt(
         self, channel: str, provider_id: str, state: DeliveryState, error: str | None
     ) -> bool:
-        from broadcaster.dispatch.dispatcher import fallbacks_of
+        from broadcaster.dispatch.sender import fallbacks_of
 
         # A late "failed"/"undelivered" re-routes to the fallback, as a failed send does.
         reroute = fallbacks_of(self.broadcaster.channels).get(channel)

@@ -13,32 +13,24 @@ broken, everything queued on it that the fallback can reach (`_while_broken`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 
 from broadcaster.config import DispatchSettings
 from broadcaster.dispatch.ratelimit import RateLimiters
-from broadcaster.dispatch.retry import RetryPolicy
-from broadcaster.errors import ChannelBrokenError, PermanentError, PostGoneError, TransientError
-from broadcaster.models import ChannelRender, DeliveryAction, DeliveryState, Thread
-from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store, Target
-from broadcaster.store.queue import QuietWindow, Reroute
-from broadcaster.store.subscribers import SubscriberStore
-from broadcaster.store.tables import utcnow
-from channels.base import Channel, Message, Recipient
+from broadcaster.dispatch.sender import SEND_TIMEOUT_SECONDS, Limiter, Ready, Sender
+from broadcaster.models import ChannelRender, DeliveryState
+from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store
+from broadcaster.store.queue import QuietWindow
+from channels.base import Channel
 
 log = logging.getLogger("broadcaster.dispatch")
 
-SEND_TIMEOUT_SECONDS = 60.0
 BROKEN_RECHECK_SECONDS = 2.0
 BrokenHook = Callable[[str, str], Awaitable[None]]
 REROUTE_SWEEP_SECONDS = 30.0  # a broken channel's queue is looked through at least this often
-RENDERS_KEPT = 1024  # (update, channel) renders kept in memory, least recently used out
 FANOUT_BATCH = 2000  # subscribers turned into deliveries per transaction
 
 
@@ -60,64 +52,6 @@ class _ChannelState:
     swept_at: float = 0.0  # loop time of the last look through a broken channel's queue
 
 
-def retry_policy(channel: Channel) -> RetryPolicy:
-    config = channel.config
-    return RetryPolicy(
-        base_seconds=config.backoff_seconds,
-        max_seconds=config.backoff_max_seconds,
-        max_attempts=config.max_attempts,
-    )
-
-
-def outcome_of_failure(
-    claimed: Claimed,
-    error: Exception,
-    policy: RetryPolicy,
-    now: datetime,
-    *,
-    deadline_seconds: float,
-) -> Outcome:
-    """Turn an adapter's classified error into the delivery's next state."""
-    message = str(error) or type(error).__name__
-    if isinstance(error, PermanentError):
-        return Outcome(claimed.id, DeliveryState.FAILED, last_error=message)
-    if isinstance(error, ChannelBrokenError):
-        # Not the recipient's fault: back in the queue, and this try does not count.
-        return Outcome(
-            claimed.id,
-            DeliveryState.QUEUED,
-            last_error=message,
-            next_attempt_at=None,
-            uncount_attempt=True,
-        )
-    retry_after = error.retry_after if isinstance(error, TransientError) else None
-    deadline = claimed.deadline_at or claimed.created_at + timedelta(seconds=deadline_seconds)
-    when = policy.next_attempt(
-        attempt=claimed.attempts, now=now, deadline=deadline, retry_after=retry_after
-    )
-    if when is None:
-        return Outcome(
-            claimed.id,
-            DeliveryState.FAILED,
-            last_error=f"gave up after {claimed.attempts} attempt(s): {message}",
-        )
-    return Outcome(claimed.id, DeliveryState.QUEUED, last_error=message, next_attempt_at=when)
-
-
-def fallbacks_of(channels: Mapping[str, Channel]) -> dict[str, Reroute]:
-    """Per subscriber channel with a configured fallback (checked at load), where its
-    deliveries go when they cannot go out on it."""
-    found = {}
-    for name, channel in channels.items():
-        fallback = channel.config.fallback
-        if fallback is None or fallback == name:
-            continue
-        target = channels.get(fallback)
-        if target is not None and target.address_kind is not None:
-            found[name] = Reroute(source=name, fallback=fallback, kind=target.address_kind)
-    return found
-
-
 class Dispatcher:
     """Sends queued deliveries of the given channels until stopped."""
 
@@ -129,35 +63,27 @@ class Dispatcher:
         *,
         quiet: QuietWindow | None = None,
         on_broken: BrokenHook | None = None,
+        limiters: Limiter | None = None,
     ) -> None:
         """`on_broken(channel, reason)` is run (in the background) when a channel is
-        found broken: the core tells the team."""
+        found broken: the core tells the team. `limiters` default to in-process ones."""
         self.store = store
         self.queue = DeliveryQueue(store)
         self.on_broken = on_broken
-        self.subscribers = SubscriberStore(store)
         self.channels = dict(channels)
         self.settings = settings
         self.quiet = quiet
-        self.fallbacks = fallbacks_of(self.channels)
-        self.limiters = RateLimiters()
+        self.sender = Sender(store, self.channels, limiters or RateLimiters())
+        self.fallbacks = self.sender.fallbacks
         self._states = {name: _ChannelState() for name in self.channels}
         self._outcomes: asyncio.Queue[tuple[str, Outcome, str | None]] = asyncio.Queue()
-        self._renders: OrderedDict[tuple[int, str], ChannelRender] = OrderedDict()
         self._sends: set[asyncio.Task[None]] = set()
         self._running = False
         self._stopping = False
 
     def remember_renders(self, update_id: int, renders: Mapping[str, ChannelRender]) -> None:
         """An update's renders, handed over by the process that just published it."""
-        for name, render in renders.items():
-            self._keep_render((update_id, name), render)
-
-    def _keep_render(self, key: tuple[int, str], render: ChannelRender) -> None:
-        self._renders[key] = render
-        self._renders.move_to_end(key)
-        while len(self._renders) > RENDERS_KEPT:
-            self._renders.popitem(last=False)
+        self.sender.remember_renders(update_id, renders)
 
     @property
     def accepting(self) -> bool:
@@ -339,160 +265,17 @@ class Dispatcher:
             state.look = True
 
     async def _start_sends(self, channel: Channel, claimed: list[Claimed]) -> None:
-        renders: dict[int, ChannelRender] = {}
-        for item in claimed:
-            if item.update_id not in renders:
-                render = self._renders.get((item.update_id, channel.name))
-                if render is None:
-                    for name, stored in (await self.store.renders(item.update_id)).items():
-                        self._keep_render((item.update_id, name), stored)
-                    render = self._renders.get((item.update_id, channel.name))
-                if render is not None:
-                    renders[item.update_id] = render
-        threads: dict[tuple[int, str], Thread] = {}
-        if channel.capabilities.threads:
-            threads = await self.queue.threads(channel.name, claimed)
-        targets = await self.queue.targets(claimed)
-        addresses: dict[int, tuple[str, str | None]] = {}
-        if channel.address_kind is not None:
-            posts = {int(c.recipient) for c in claimed if c.action != DeliveryAction.DELETE}
-            deletes = {int(c.recipient) for c in claimed} - posts
-            # A post goes only to who is still subscribed; a delete (a retraction) also
-            # reaches who left since: the wrong words must not stay in their chat.
-            addresses = await self.subscribers.addresses(channel.name, channel.address_kind, posts)
-            if deletes:
-                addresses |= await self.subscribers.addresses(
-                    channel.name, channel.address_kind, deletes, subscribed_only=False
-                )
-        for item in claimed:
-            if item.update_id not in renders:  # never expected: the queue must not stall
-                unrendered = Outcome(
-                    item.id,
-                    DeliveryState.FAILED,
-                    last_error=f"{channel.name}: update #{item.update_id} has no render here",
-                )
-                self._outcomes.put_nowait((channel.name, unrendered, None))
-                continue
-            target = targets.get(item.target_id) if item.target_id is not None else None
-            render, address = renders[item.update_id], None
-            if channel.address_kind is not None:
-                found = addresses.get(int(item.recipient))
-                if found is None:
-                    # Opted out or erased since the fan-out: nothing goes to them.
-                    gone = Outcome(item.id, DeliveryState.CANCELLED, last_error="unsubscribed")
-                    self._outcomes.put_nowait((channel.name, gone, None))
-                    continue
-                address, zone = found
-                render = render.in_zone(zone)  # times in the subscriber's own zone
-            task = asyncio.create_task(
-                self._send(channel, item, render, threads.get(item.thread), target, address)
-            )
+        ready, settled = await self.sender.prepare(channel, claimed)
+        for outcome in settled:
+            self._outcomes.put_nowait((channel.name, outcome, None))
+        for item in ready:
+            task = asyncio.create_task(self._send(channel, item))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
 
-    async def _send(
-        self,
-        channel: Channel,
-        claimed: Claimed,
-        render: ChannelRender,
-        thread: Thread | None,
-        target: Target | None,
-        address: str | None,
-    ) -> None:
-        broken: str | None = None
-        try:
-            message = Message(
-                render=render,
-                recipient=Recipient(
-                    id=claimed.recipient, language=claimed.language, address=address
-                ),
-                thread=thread,
-                incident_id=claimed.incident_id,
-                update_id=claimed.update_id,
-                delivery_key=claimed.delivery_key,
-            )
-            await self.limiters.acquire(
-                account=channel.account_key(),
-                channel=channel.name,
-                target=channel.rate_limit_target(claimed.recipient),
-                limit=channel.rate_limit_for(claimed.recipient),
-            )
-            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-                outcome = await self._act(channel, claimed, message, target)
-        except (TransientError, PermanentError, ChannelBrokenError) as error:
-            outcome = self._failure(channel, claimed, error)
-            outcome = self._with_fallback(channel, claimed, error, outcome)
-            if isinstance(error, ChannelBrokenError):
-                broken = str(error)
-        except TimeoutError:
-            timeout = TransientError(
-                f"{channel.name}: no answer within {SEND_TIMEOUT_SECONDS:.0f}s"
-            )
-            outcome = self._failure(channel, claimed, timeout)
-        except Exception as error:  # an adapter bug must not kill the dispatcher
-            log.exception(
-                "%s: unexpected error from the adapter",
-                channel.name,
-                extra={"channel": channel.name, "delivery_id": claimed.id},
-            )
-            wrapped = TransientError(f"{channel.name}: unexpected {type(error).__name__}")
-            outcome = self._failure(channel, claimed, wrapped)
+    async def _send(self, channel: Channel, item: Ready) -> None:
+        outcome, broken = await self.sender.send(channel, item)
         self._outcomes.put_nowait((channel.name, outcome, broken))
-
-    @staticmethod
-    async def _act(
-        channel: Channel, claimed: Claimed, message: Message, target: Target | None
-    ) -> Outcome:
-        """Post, or change the post `target` (a correction edits it, a retraction deletes
-        it). A target that never got posted leaves a correction to be posted instead, and a
-        retraction nothing to delete."""
-        action = DeliveryAction(claimed.action)
-        posted = target.provider_id if target is not None else None
-        if action is DeliveryAction.DELETE:
-            if posted is None:
-                return Outcome(claimed.id, DeliveryState.CANCELLED, last_error="nothing was posted")
-            try:
-                await channel.delete(posted, message.recipient)
-            except PostGoneError:
-                return Outcome(claimed.id, DeliveryState.DELIVERED, last_error="already gone")
-            return Outcome(claimed.id, DeliveryState.DELIVERED)
-        receipt = None
-        if action is DeliveryAction.EDIT and posted is not None:
-            with contextlib.suppress(PostGoneError):  # deleted by hand: post it anew
-                receipt = await channel.edit(posted, message)
-        if receipt is None:
-            receipt = await channel.send(message)
-        return Outcome(
-            claimed.id,
-            DeliveryState.DELIVERED if receipt.delivered else DeliveryState.SENT,
-            provider_id=receipt.provider_id,
-            permalink=receipt.permalink,
-            provider_data=receipt.data or None,
-        )
-
-    def _with_fallback(
-        self, channel: Channel, claimed: Claimed, error: Exception, outcome: Outcome
-    ) -> Outcome:
-        """A post to a subscriber that fails permanently, or meets the channel broken,
-        goes to the channel's fallback (when the subscriber can be reached there: decided
-        as the outcome is written). A fallback delivery is never re-routed again."""
-        reroute = self.fallbacks.get(channel.name)
-        if reroute is None or claimed.action != DeliveryAction.POST.value:
-            return outcome
-        permanent = isinstance(error, PermanentError) and outcome.state is DeliveryState.FAILED
-        if permanent or isinstance(error, ChannelBrokenError):
-            return dataclasses.replace(outcome, reroute=reroute)
-        return outcome
-
-    @staticmethod
-    def _failure(channel: Channel, claimed: Claimed, error: Exception) -> Outcome:
-        return outcome_of_failure(
-            claimed,
-            error,
-            retry_policy(channel),
-            utcnow(),
-            deadline_seconds=channel.config.deadline_seconds,
-        )
 
     async def _write_outcomes(self) -> None:
         while True:

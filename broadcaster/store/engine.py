@@ -17,7 +17,7 @@ from broadcaster.errors import BroadcasterError
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration; a test checks it matches the migrations folder, so a store
 # already at it skips Alembic (and its import) entirely.
-HEAD_REVISION = "0010_subscriber_ids_never_reused"
+HEAD_REVISION = "0011_distributed_dispatch"
 
 
 # Execution option marking a connection that will write (see the "begin" event below).

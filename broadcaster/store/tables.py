@@ -7,6 +7,7 @@ from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     Date,
     DateTime,
@@ -115,6 +116,7 @@ class DeliveryRow(Base):
         Index("ix_deliveries_incident", "incident_id", "channel"),
         Index("ix_deliveries_target", "target_id"),
         Index("ix_deliveries_provider", "channel", "provider_id"),  # delivery receipts
+        Index("ix_deliveries_job", "job_id"),  # the distributed backend's deliver jobs
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -145,6 +147,9 @@ class DeliveryRow(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime | None] = mapped_column(doc="NULL: unchanged since created")
     sent_at: Mapped[datetime | None]
+    job_id: Mapped[int | None] = mapped_column(
+        BigInteger, doc="procrastinate backend: the deliver job that sends it"
+    )
 
 
 class DraftRow(Base):
@@ -189,6 +194,18 @@ class LeaseRow(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     holder: Mapped[str] = mapped_column(String(200))
     expires_at: Mapped[datetime]
+
+
+class RateReservationRow(Base):
+    """A send time reserved under a shared rate limit (procrastinate backend): every
+    worker on the store reserves from the same log, so a limit holds across nodes."""
+
+    __tablename__ = "rate_reservations"
+    __table_args__ = (Index("ix_rate_reservations_key_at", "key", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(400))
+    at: Mapped[datetime]
 
 
 class ChannelHealthRow(Base):
@@ -323,6 +340,7 @@ SUBSCRIPTIONS = cast(Table, SubscriptionRow.__table__)
 FANOUTS = cast(Table, FanoutRow.__table__)
 PENDING_SUBSCRIPTIONS = cast(Table, PendingSubscriptionRow.__table__)
 SELF_SERVICE_COUNTS = cast(Table, SelfServiceCountRow.__table__)
+RATE_RESERVATIONS = cast(Table, RateReservationRow.__table__)
 
 
 def address_column(kind: AddressKind) -> Column[Any]:
