@@ -1322,9 +1322,53 @@ def telegram_bot(
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
-    """Apply the store's migrations (done automatically on first use)."""
-    run_local(lambda b: asyncio.sleep(0))
+    """Apply the store's migrations, and the job tables of the procrastinate backend (done
+    automatically on first use)."""
+
+    async def work(b: Broadcaster) -> bool:
+        from broadcaster.dispatch.distributed import ProcrastinateBackend
+
+        if isinstance(b.backend, ProcrastinateBackend):
+            return await b.backend.upgrade()
+        return False
+
+    if run_local(work):
+        console().print("created the procrastinate job tables")
     console().print("store is at the newest schema")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Deliver jobs of one channel at once (default: workers.concurrency).",
+        ),
+    ] = None,
+) -> None:
+    """Send deliveries and fire reminders for every node (backend = "procrastinate"); run
+    one per node. Stops on Ctrl-C or SIGTERM once its running jobs are done."""
+
+    async def work(b: Broadcaster) -> None:
+        import contextlib
+        import signal
+
+        from broadcaster.store.engine import safe_url
+
+        loop = asyncio.get_running_loop()
+        running = asyncio.ensure_future(b.work(concurrency=concurrency))
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, running.cancel)
+        console(stderr=True).print(
+            f"worker: {len(b.channels)} channel(s) on {safe_url(b.settings.store_url)}; "
+            "Ctrl-C stops it once its running jobs are done"
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+    run_local(work)
 
 
 @db_app.command("backup")

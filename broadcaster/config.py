@@ -88,6 +88,39 @@ class DispatchSettings(BaseModel):
     flush_batch: int = Field(default=500, gt=0)
 
 
+class WorkerSettings(BaseModel):
+    """The procrastinate backend's workers (`broadcaster worker`, one per node)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int = Field(
+        default=2, gt=0, le=64, description="deliver jobs of one channel run at once per worker"
+    )
+    batch: int = Field(default=50, gt=0, le=1000, description="deliveries one deliver job carries")
+    poll_seconds: float = Field(
+        default=0.5, gt=0, description="how often a channel's queue is looked at when idle"
+    )
+    heartbeat_seconds: float = Field(default=5.0, gt=0, description="a worker says it lives")
+    stalled_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="a worker silent this long is dead: its jobs (and deliveries) run again",
+    )
+    retry_stalled_every: int = Field(
+        default=10, gt=0, le=59, description="seconds between looks for a dead worker's jobs"
+    )
+    keep_jobs_hours: int = Field(default=72, gt=0, description="finished jobs kept this long")
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_stall(self) -> WorkerSettings:
+        if self.heartbeat_seconds * 2 > self.stalled_seconds:
+            raise ValueError(
+                "workers.stalled_seconds must be at least twice workers.heartbeat_seconds, "
+                "or a live worker is taken for dead"
+            )
+        return self
+
+
 class ApiToken(BaseModel):
     """A bearer token of the admin API (`/v1/`) and the remote CLI, with its scope:
     read < publish (preview, publish, approve, reject, retry, cancel) < admin (doctor)."""
@@ -539,7 +572,12 @@ class Settings(BaseSettings):
     )
 
     store: str = Field(default="sqlite:///broadcaster.db", description="SQLAlchemy URL")
-    backend: Literal["embedded"] = "embedded"
+    backend: Literal["embedded", "procrastinate"] = Field(
+        default="embedded",
+        description="embedded: this process sends; procrastinate: `broadcaster worker`s do, "
+        "on PostgreSQL",
+    )
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
     templates_dir: Path | None = Field(default=None, description="your templates; override ours")
     data_dir: Path = Field(default=Path(".broadcaster"), description="sessions, caches")
     page_title: str = "Service status"
@@ -612,6 +650,16 @@ class Settings(BaseSettings):
                 f"{where}: unknown channel '{missing[0]}' — configured: "
                 f"{', '.join(self.channels) or 'none'}"
             )
+
+    @model_validator(mode="after")
+    def _workers_share_postgresql(self) -> Settings:
+        """Jobs live in the store's database: only PostgreSQL serves several nodes."""
+        if self.backend == "procrastinate" and not self.store_url.startswith("postgresql+psycopg"):
+            raise ValueError(
+                'backend = "procrastinate" needs store = "postgresql://…" (psycopg 3; the jobs '
+                "live in the same database as incidents and deliveries)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _playbooks_name_what_exists(self) -> Settings:

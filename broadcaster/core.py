@@ -25,6 +25,7 @@ from broadcaster.alerts import AlertIntake
 from broadcaster.audience import Audience
 from broadcaster.config import Playbook, Settings, load_settings
 from broadcaster.dispatch import DispatchBackend, EmbeddedBackend
+from broadcaster.dispatch.backend import quiet_window
 from broadcaster.errors import BroadcasterError, CheckFailedError, NotFoundError
 from broadcaster.models import (
     AuditEntry,
@@ -109,14 +110,7 @@ class Broadcaster:
         self.channels = channels
         self.library = library
         self.queue = DeliveryQueue(store)
-        self.backend: DispatchBackend = EmbeddedBackend(
-            store,
-            channels,
-            settings.dispatch,
-            quiet_hours=settings.subscribers.quiet_hours,
-            timezone=settings.timezone,
-            on_broken=self._channel_broken,
-        )
+        self.backend = self._backend()
         self.alerts = AlertIntake(self)
         self.scheduler = Scheduler(self)
         self.audience = Audience(
@@ -124,6 +118,21 @@ class Broadcaster:
             channels,
             components=settings.components,
             default_region=settings.subscribers.default_region,
+        )
+
+    def _backend(self) -> DispatchBackend:
+        if self.settings.backend == "procrastinate":
+            from broadcaster.dispatch.distributed import ProcrastinateBackend
+
+            return ProcrastinateBackend(
+                self.store, self.channels, self.settings, on_broken=self._channel_broken
+            )
+        return EmbeddedBackend(
+            self.store,
+            self.channels,
+            self.settings.dispatch,
+            quiet=quiet_window(self.settings),
+            on_broken=self._channel_broken,
         )
 
     @classmethod
@@ -147,6 +156,7 @@ class Broadcaster:
         library = TemplateLibrary.with_shipped(templates_dir)
         store = await Store.open(settings.store_url)
         broadcaster = cls(settings, store, channels, library)
+        await broadcaster.backend.open()
         context.render_public_site = broadcaster.render_public_site
         context.support_desk = StoreSupportDesk(broadcaster)
         # Everything built so far (settings, channels with maybe thousands of targets,
@@ -156,6 +166,7 @@ class Broadcaster:
         return broadcaster
 
     async def close(self) -> None:
+        await self.backend.close()
         await self.store.close()
 
     async def __aenter__(self) -> Broadcaster:
@@ -470,6 +481,7 @@ class Broadcaster:
             now=now,
             opened_at=plan.opened_at or now,
         )
+        plan.in_transaction = self.backend.in_publish(plan.reminders)
         update, new = await self.store.publish(plan)
         if new and plan.reminders:
             self.backend.reminders_stored()
@@ -662,6 +674,21 @@ class Broadcaster:
                 lambda still_mine: self.scheduler.fire_due(still_mine=still_mine), stop
             ),
             self._forget_old_deliveries_until(stop),
+        )
+
+    async def work(self, *, concurrency: int | None = None) -> None:
+        """Run this process's workers until cancelled (`broadcaster worker`, procrastinate
+        backend): they send deliveries and fire reminders for every node."""
+        from broadcaster.dispatch.distributed import ProcrastinateBackend
+
+        if not isinstance(self.backend, ProcrastinateBackend):
+            raise BroadcasterError(
+                'workers run with backend = "procrastinate" — the embedded backend sends '
+                "from `broadcaster serve` (or the command that publishes)"
+            )
+        await self.backend.work(
+            lambda still_mine: self.scheduler.fire_due(still_mine=still_mine),
+            concurrency=concurrency,
         )
 
     async def _forget_old_deliveries_until(self, stop: asyncio.Event) -> None:

@@ -4,6 +4,7 @@ PostgreSQL running on this machine, and `require` for any service or tool a test
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -96,11 +97,8 @@ def postgres_reachable() -> bool:
         return False
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The store tests run on SQLite and on this machine's PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path}/store.db"
+def fresh_postgres() -> str:
+    """This machine's PostgreSQL test database, emptied (the store and the job tables)."""
     require(postgres_reachable(), f"PostgreSQL is not reachable at {POSTGRES_URL}")
     import psycopg
 
@@ -108,3 +106,55 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
     return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store tests run on SQLite and on this machine's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/store.db"
+    return fresh_postgres()
+
+
+# Fast workers for tests: a killed worker's jobs run again within a few seconds.
+TEST_WORKERS = {
+    "poll_seconds": 0.05,
+    "heartbeat_seconds": 0.5,
+    "stalled_seconds": 2,
+    "retry_stalled_every": 1,
+}
+
+
+@pytest.fixture(params=["embedded", "procrastinate"])
+async def make_dispatching(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[MakeBroadcaster]:
+    """`make_broadcaster` on each backend: embedded on SQLite, or procrastinate on this
+    machine's PostgreSQL with a `broadcaster worker` (its own Broadcaster) running in the
+    test's loop, so the same test proves both."""
+    opened: list[Broadcaster] = []
+    workers: list[asyncio.Task[None]] = []
+    procrastinate = request.param == "procrastinate"
+    store = fresh_postgres() if procrastinate else f"sqlite:///{tmp_path}/broadcaster.db"
+
+    async def make(channels: dict[str, Any], **settings: Any) -> Broadcaster:
+        settings.setdefault("store", store)
+        settings.setdefault("dispatch", {"poll_seconds": 0.05, "lease_seconds": 5})
+        if procrastinate:
+            settings.setdefault("backend", "procrastinate")
+            settings.setdefault("workers", TEST_WORKERS)
+        config = Settings(channels=channels, config_path=tmp_path / "broadcaster.toml", **settings)
+        broadcaster = await Broadcaster.open(settings=config)
+        opened.append(broadcaster)
+        if procrastinate and not workers:
+            worker = await Broadcaster.open(settings=config)
+            opened.append(worker)
+            workers.append(asyncio.create_task(worker.work()))
+        return broadcaster
+
+    yield make
+    for task in workers:
+        task.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    for broadcaster in reversed(opened):
+        await broadcaster.close()

@@ -60,10 +60,10 @@ async def publish_and_wait(
 
 
 async def test_429_retry_after_is_honoured(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     receiver.script("a", Behaviour(status=429, retry_after=1.5, times=1))
-    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"])})
+    b = await make_dispatching({"hooks": webhook_channel(receiver, ["a"])})
     _, progress = await publish_and_wait(b, opening())
     assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1}
     first, second = receiver.attempts
@@ -72,10 +72,10 @@ async def test_429_retry_after_is_honoured(
 
 
 async def test_5xx_is_retried_with_growing_backoff(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     receiver.script("a", Behaviour(status=503, times=3))
-    b = await make_broadcaster(
+    b = await make_dispatching(
         {"hooks": webhook_channel(receiver, ["a"], backoff_seconds=0.2, backoff_max_seconds=5)}
     )
     _, progress = await publish_and_wait(b, opening())
@@ -91,10 +91,10 @@ async def test_5xx_is_retried_with_growing_backoff(
 
 
 async def test_permanent_error_is_not_retried(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     receiver.script("gone", Behaviour(status=410))
-    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["gone", "ok"])})
+    b = await make_dispatching({"hooks": webhook_channel(receiver, ["gone", "ok"])})
     _, progress = await publish_and_wait(b, opening())
     assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1, DeliveryState.FAILED: 1}
     assert len([a for a in receiver.attempts if a.path.endswith("gone")]) == 1
@@ -104,10 +104,10 @@ async def test_permanent_error_is_not_retried(
 
 
 async def test_deadline_fails_the_delivery_with_its_last_error(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     receiver.script("down", Behaviour(status=503))
-    b = await make_broadcaster(
+    b = await make_dispatching(
         {"hooks": webhook_channel(receiver, ["down"], backoff_seconds=0.2, deadline_seconds=1)}
     )
     _, progress = await publish_and_wait(b, opening())
@@ -119,21 +119,21 @@ async def test_deadline_fails_the_delivery_with_its_last_error(
 
 
 async def test_dropped_connection_is_retried(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     receiver.script("flaky", Behaviour(drop=True, times=1))
-    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["flaky"])})
+    b = await make_dispatching({"hooks": webhook_channel(receiver, ["flaky"])})
     _, progress = await publish_and_wait(b, opening())
     assert states(progress, "hooks") == {DeliveryState.DELIVERED: 1}
     assert [a.status for a in receiver.attempts] == [None, 200]
 
 
 async def test_channel_broken_stops_the_channel_and_keeps_its_deliveries_queued(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     for name in targets(5, "bad"):
         receiver.script(name, Behaviour(status=401))
-    b = await make_broadcaster(
+    b = await make_dispatching(
         {
             "broken": webhook_channel(receiver, targets(5, "bad"), concurrency=1),
             "healthy": webhook_channel(receiver, targets(20, "good")),
@@ -151,11 +151,11 @@ async def test_channel_broken_stops_the_channel_and_keeps_its_deliveries_queued(
 
 
 async def test_one_slow_channel_does_not_delay_another(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     for name in targets(4, "slow"):
         receiver.script(name, Behaviour(delay=2.0))
-    b = await make_broadcaster(
+    b = await make_dispatching(
         {
             "slow": webhook_channel(receiver, targets(4, "slow"), concurrency=1),
             "fast": webhook_channel(receiver, targets(50, "fast")),
@@ -172,11 +172,11 @@ async def test_one_slow_channel_does_not_delay_another(
 
 
 async def test_resolved_supersedes_investigating_not_yet_sent(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     names = targets(6, "r")
     receiver.default(Behaviour(delay=0.5))
-    b = await make_broadcaster({"hooks": webhook_channel(receiver, names, concurrency=1)})
+    b = await make_dispatching({"hooks": webhook_channel(receiver, names, concurrency=1)})
     first = await b.publish(opening())
     waiting = asyncio.create_task(b.wait([first.update.id]))
     await receiver.wait_for(1, timeout=5)  # the first recipient got "investigating"
@@ -198,10 +198,10 @@ async def test_resolved_supersedes_investigating_not_yet_sent(
 
 
 async def test_followup_waits_for_the_post_in_flight_of_its_thread(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     receiver.script("a", Behaviour(delay=1.0, times=1))
-    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"], concurrency=4)})
+    b = await make_dispatching({"hooks": webhook_channel(receiver, ["a"], concurrency=4)})
     first = await b.publish(opening())
     waiting = asyncio.create_task(b.wait([first.update.id]))
     while not receiver.attempts:  # "investigating" is in flight (slow receiver)
@@ -223,10 +223,10 @@ async def test_followup_waits_for_the_post_in_flight_of_its_thread(
 
 
 async def test_cancel_mid_fanout_stops_the_rest(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     receiver.default(Behaviour(delay=0.05))
-    b = await make_broadcaster({"hooks": webhook_channel(receiver, targets(200), concurrency=2)})
+    b = await make_dispatching({"hooks": webhook_channel(receiver, targets(200), concurrency=2)})
     result = await b.publish(opening())
     waiting = asyncio.create_task(b.wait([result.update.id]))
     await receiver.wait_for(10, timeout=10)
@@ -243,10 +243,10 @@ async def test_cancel_mid_fanout_stops_the_rest(
 
 
 async def test_retry_sends_failed_deliveries_again(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
     receiver.script("a", Behaviour(status=410, times=1))
-    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a", "b"])})
+    b = await make_dispatching({"hooks": webhook_channel(receiver, ["a", "b"])})
     result, progress = await publish_and_wait(b, opening())
     assert states(progress, "hooks")[DeliveryState.FAILED] == 1
     requeued, skipped = await b.retry(result.incident.id, channel=None, actor="test")
@@ -256,9 +256,9 @@ async def test_retry_sends_failed_deliveries_again(
 
 
 async def test_publish_key_seen_twice_sends_nothing_new(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
-    b = await make_broadcaster({"hooks": webhook_channel(receiver, ["a"])})
+    b = await make_dispatching({"hooks": webhook_channel(receiver, ["a"])})
     first, _ = await publish_and_wait(
         b, opening(publish_key="alertgroup-1|2026-11-26T08:00Z|firing")
     )
@@ -284,12 +284,12 @@ async def test_publish_key_seen_twice_sends_nothing_new(
 
 
 async def test_webhooks_are_signed_and_carry_the_delivery_key(
-    tmp_path: object, make_broadcaster: MakeBroadcaster, monkeypatch: object
+    tmp_path: object, make_dispatching: MakeBroadcaster, monkeypatch: object
 ) -> None:
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     async with WebhookReceiver(secret=secret) as sim:
         monkeypatch.setenv("HOOK_SECRET", secret)
-        b = await make_broadcaster(
+        b = await make_dispatching(
             {"hooks": webhook_channel(sim, ["a", "b"], secret={"env": "HOOK_SECRET"})}
         )
         result, _ = await publish_and_wait(b, opening())
@@ -326,6 +326,7 @@ class ThreadedChannel(HttpChannel):
 async def test_followups_thread_under_the_first_post(
     receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster, tmp_path: Path
 ) -> None:
+    # A channel type of the test's own, in this process only: the embedded backend.
     b = await make_broadcaster({})
     config = ThreadedConfig(type="threaded", url=receiver.target("chat"))
     b.channels["chat"] = ThreadedChannel("chat", config, ChannelContext(tmp_path, tmp_path))
@@ -367,9 +368,9 @@ async def test_a_process_without_the_lease_watches_and_takes_over_when_it_is_fre
 
 
 async def test_status_page_shows_published_updates_but_not_cancelled_ones(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster, tmp_path: Path
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster, tmp_path: Path
 ) -> None:
-    b = await make_broadcaster(
+    b = await make_dispatching(
         {"page": {"type": "banner", "languages": ["en", "fr"], "output": "site"}},
         components={"api": "Public API"},
     )
@@ -395,9 +396,9 @@ async def test_status_page_shows_published_updates_but_not_cancelled_ones(
 
 
 async def test_global_rate_limit_spaces_a_channels_deliveries(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
-    b = await make_broadcaster(
+    b = await make_dispatching(
         {
             "hooks": webhook_channel(
                 receiver,
@@ -416,9 +417,9 @@ async def test_global_rate_limit_spaces_a_channels_deliveries(
 
 
 async def test_per_target_rate_limit_holds_across_incidents(
-    receiver: WebhookReceiver, make_broadcaster: MakeBroadcaster
+    receiver: WebhookReceiver, make_dispatching: MakeBroadcaster
 ) -> None:
-    b = await make_broadcaster(
+    b = await make_dispatching(
         {
             "hooks": webhook_channel(
                 receiver,
@@ -436,11 +437,11 @@ async def test_per_target_rate_limit_holds_across_incidents(
 
 
 async def test_a_burst_of_updates_renders_the_status_page_once_per_round(
-    tmp_path: Path, make_broadcaster: MakeBroadcaster
+    tmp_path: Path, make_dispatching: MakeBroadcaster
 ) -> None:
     """Each banner delivery needs the whole site rendered from the store: deliveries in
     flight together share one render; a failed round is retried for all who joined it."""
-    b = await make_broadcaster(
+    b = await make_dispatching(
         {"status-page": {"type": "banner", "output": "public", "backoff_seconds": 0.05}}
     )
     channel = b.channels["status-page"]

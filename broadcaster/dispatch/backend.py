@@ -19,11 +19,13 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 
-from broadcaster.config import DispatchSettings, QuietHours
+from broadcaster.config import DispatchSettings, Settings
 from broadcaster.dispatch.dispatcher import BrokenHook, Dispatcher
 from broadcaster.models import ChannelRender
 from broadcaster.store import Claimed, DeliveryQueue, Store
 from broadcaster.store.queue import QuietWindow, new_holder_id
+from broadcaster.store.reminders import Wanted
+from broadcaster.store.store import InTransaction
 from channels.base import Channel
 
 log = logging.getLogger("broadcaster.dispatch")
@@ -41,8 +43,27 @@ StillMine = Callable[[], Awaitable[bool]]
 FireDue = Callable[[StillMine], Awaitable[object]]
 
 
+def quiet_window(settings: Settings) -> QuietWindow | None:
+    """Quiet hours (subscribers.quiet_hours) as the fan-out applies them; subscribers who
+    set no time zone are in the config's."""
+    quiet = settings.subscribers.quiet_hours
+    if quiet is None:
+        return None
+    return QuietWindow(start=quiet.start, end=quiet.end, default_timezone=settings.timezone)
+
+
 class DispatchBackend(ABC):
     """Drives stored deliveries to a final state."""
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Get ready before the first publish (a task engine's tables and connections)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Finish what this process still has to hand over (deferrals)."""
+
+    def in_publish(self, reminders: list[Wanted]) -> InTransaction | None:
+        """Work a publish does in its own transaction (a task engine defers its jobs)."""
+        return None
 
     def claim_lease(self) -> float | None:
         """How long a publish may lease a new incident's deliveries to this process's
@@ -86,22 +107,16 @@ class EmbeddedBackend(DispatchBackend):
         channels: Mapping[str, Channel],
         settings: DispatchSettings,
         *,
-        quiet_hours: QuietHours | None = None,
-        timezone: str = "UTC",
+        quiet: QuietWindow | None = None,
         tick_seconds: float = 0.2,
         on_broken: BrokenHook | None = None,
     ) -> None:
-        """`quiet_hours` (subscribers.quiet_hours) hold non-critical updates to subscribers
-        whose local time is inside them; `timezone` is the zone of those who set none."""
+        """`quiet` hours hold non-critical updates to subscribers inside them."""
         self.store = store
         self.queue = DeliveryQueue(store)
         self.channels = channels
         self.settings = settings
-        self.quiet = (
-            QuietWindow(start=quiet_hours.start, end=quiet_hours.end, default_timezone=timezone)
-            if quiet_hours is not None
-            else None
-        )
+        self.quiet = quiet
         self.tick_seconds = tick_seconds
         self.on_broken = on_broken
         self.holder = new_holder_id()

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from broadcaster.config import DispatchSettings
-from broadcaster.dispatch.ratelimit import RateLimiters
-from broadcaster.dispatch.sender import SEND_TIMEOUT_SECONDS, Limiter, Ready, Sender
+from broadcaster.dispatch.ratelimit import Limiters, RateLimiters
+from broadcaster.dispatch.sender import SEND_TIMEOUT_SECONDS, Ready, Sender
 from broadcaster.models import ChannelRender, DeliveryState
 from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store
 from broadcaster.store.queue import QuietWindow
@@ -63,7 +63,7 @@ class Dispatcher:
         *,
         quiet: QuietWindow | None = None,
         on_broken: BrokenHook | None = None,
-        limiters: Limiter | None = None,
+        limiters: Limiters | None = None,
     ) -> None:
         """`on_broken(channel, reason)` is run (in the background) when a channel is
         found broken: the core tells the team. `limiters` default to in-process ones."""

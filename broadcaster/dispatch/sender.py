@@ -16,11 +16,11 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
 
+from broadcaster.dispatch.ratelimit import Limiters
 from broadcaster.dispatch.retry import RetryPolicy
 from broadcaster.errors import ChannelBrokenError, PermanentError, PostGoneError, TransientError
-from broadcaster.models import ChannelRender, DeliveryAction, DeliveryState, RateLimit, Thread
+from broadcaster.models import ChannelRender, DeliveryAction, DeliveryState, Thread
 from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store, Target
 from broadcaster.store.queue import Reroute
 from broadcaster.store.subscribers import SubscriberStore
@@ -31,13 +31,6 @@ log = logging.getLogger("broadcaster.dispatch")
 
 SEND_TIMEOUT_SECONDS = 60.0
 RENDERS_KEPT = 1024  # (update, channel) renders kept in memory, least recently used out
-
-
-class Limiter(Protocol):
-    """Rate limits as the sender waits on them (in-process, or shared in the store)."""
-
-    async def acquire(self, *, account: str, channel: str, target: str, limit: RateLimit) -> None:
-        """Return once a message may go to `target` of `channel` on `account`."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +105,7 @@ def fallbacks_of(channels: Mapping[str, Channel]) -> dict[str, Reroute]:
 class Sender:
     """Prepares and sends claimed deliveries of the given channels."""
 
-    def __init__(self, store: Store, channels: Mapping[str, Channel], limiters: Limiter) -> None:
+    def __init__(self, store: Store, channels: Mapping[str, Channel], limiters: Limiters) -> None:
         self.store = store
         self.queue = DeliveryQueue(store)
         self.subscribers = SubscriberStore(store)

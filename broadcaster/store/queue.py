@@ -142,10 +142,10 @@ class Target:
     provider_id: str | None
 
 
-@functools.cache
-def _claim_statement(sqlite: bool) -> Any:
-    """UPDATE … RETURNING of the due, unblocked deliveries of one channel."""
-    candidate = _DELIVERIES.alias("candidate")
+def due_unblocked(candidate: Any, now: Any) -> Any:
+    """Queued deliveries that are due at `now` and not waiting for an earlier delivery of
+    their thread (same incident, channel and recipient): follow-ups never overtake the
+    first post."""
     earlier = _DELIVERIES.alias("earlier")
     blocked = (
         select(earlier.c.id)
@@ -159,16 +159,22 @@ def _claim_statement(sqlite: bool) -> Any:
         .correlate(candidate)
         .exists()
     )
+    return and_(
+        candidate.c.state == DeliveryState.QUEUED.value,
+        or_(candidate.c.next_attempt_at.is_(None), candidate.c.next_attempt_at <= now),
+        ~blocked,
+    )
+
+
+@functools.cache
+def _claim_statement(sqlite: bool) -> Any:
+    """UPDATE … RETURNING of the due, unblocked deliveries of one channel."""
+    candidate = _DELIVERIES.alias("candidate")
     ids = (
         select(candidate.c.id)
         .where(
             candidate.c.channel == bindparam("claim_channel"),
-            candidate.c.state == DeliveryState.QUEUED.value,
-            or_(
-                candidate.c.next_attempt_at.is_(None),
-                candidate.c.next_attempt_at <= bindparam("claim_now", type_=UtcDateTime()),
-            ),
-            ~blocked,
+            due_unblocked(candidate, bindparam("claim_now", type_=UtcDateTime())),
         )
         .order_by(candidate.c.seq, candidate.c.id)
         .limit(bindparam("claim_limit", type_=Integer()))

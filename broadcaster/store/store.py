@@ -139,6 +139,9 @@ class Claimed:
         return (self.incident_id, self.recipient)
 
 
+InTransaction = Callable[[Connection, int, int], None]
+
+
 @dataclass
 class PublishPlan:
     """A checked update, ready to be stored with its deliveries in one transaction."""
@@ -172,6 +175,9 @@ class PublishPlan:
     reminders: list[Wanted] = field(default_factory=list)
     keeps_reminder: int | None = None  # a due reminder this update answers
     opened_at: datetime | None = None  # when the incident opened (None: by this update)
+    # Run last in the transaction with (connection, update id, incident id): the
+    # procrastinate backend defers the update's jobs there, so they commit with it.
+    in_transaction: InTransaction | None = None
 
 
 class DraftChangedError(BroadcasterError):
@@ -728,6 +734,8 @@ class Store:
             )
             if released.rowcount != 1:
                 raise DraftChangedError(f"draft #{plan.release_draft} is no longer held")
+        if plan.in_transaction is not None:
+            plan.in_transaction(conn, update_id, incident_id)
         return stored
 
     async def retract(

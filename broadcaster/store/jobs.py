@@ -1,0 +1,208 @@
+"""The deliveries table as the procrastinate backend uses it (PostgreSQL only).
+
+Each queued delivery is handed to one deliver job, named in `deliveries.job_id` in the
+transaction that defers the job; the job takes back only its own deliveries. A job run
+again after its worker died therefore re-sends at most what it had in flight, and two
+jobs never send one delivery.
+
+`RateLog` keeps the send times reserved under shared rate limits, so a limit holds for
+every worker on every node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    Connection,
+    Text,
+    cast,
+    column,
+    delete,
+    func,
+    insert,
+    select,
+    table,
+    text,
+    update,
+)
+
+from broadcaster.models import DeliveryState
+from broadcaster.store.queue import due_unblocked
+from broadcaster.store.store import Claimed
+from broadcaster.store.tables import DELIVERIES, RATE_RESERVATIONS, utcnow
+
+if TYPE_CHECKING:
+    from broadcaster.store.store import Store
+
+# procrastinate's own table, read to know whether a delivery's job will still run.
+_JOBS = table("procrastinate_jobs", column("id"), column("status"))
+_LIVE_JOB = ("todo", "doing")
+_QUEUED = DeliveryState.QUEUED.value
+_SENDING = DeliveryState.SENDING.value
+# Defers one deliver job per batch of delivery ids, on the transaction's connection;
+# returns the jobs' ids in the same order.
+DeferBatches = Callable[[Connection, str, list[list[int]]], list[int]]
+
+
+class JobDeliveries:
+    """Hands deliveries to deliver jobs, and lets each job take its own."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def assign(self, channel: str, *, batch: int, limit: int, defer: DeferBatches) -> int:
+        """Give up to `limit` due deliveries of `channel` that no job has to new deliver
+        jobs of `batch` each, in one transaction; how many were given."""
+
+        def work(conn: Connection) -> int:
+            candidate = DELIVERIES.alias("candidate")
+            owner_alive = (
+                select(_JOBS.c.id)
+                .where(_JOBS.c.id == candidate.c.job_id, cast(_JOBS.c.status, Text).in_(_LIVE_JOB))
+                .exists()
+            )
+            ids = list(
+                conn.scalars(
+                    select(candidate.c.id)
+                    .where(
+                        candidate.c.channel == channel,
+                        # No job, or its job is over (finished, given up): queued again
+                        # by `retry`, or left by a job that failed.
+                        candidate.c.job_id.is_(None) | ~owner_alive,
+                        due_unblocked(candidate, utcnow()),
+                    )
+                    .order_by(candidate.c.seq, candidate.c.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True, of=candidate)
+                )
+            )
+            if not ids:
+                return 0
+            batches = [ids[i : i + batch] for i in range(0, len(ids), batch)]
+            job_ids = defer(conn, channel, batches)
+            owners = [job for job, ids in zip(job_ids, batches, strict=True) for _ in ids]
+            conn.execute(
+                text(
+                    "UPDATE deliveries SET job_id = owned.job FROM "
+                    "(SELECT unnest(CAST(:ids AS bigint[])) AS id, "
+                    "unnest(CAST(:jobs AS bigint[])) AS job) AS owned "
+                    "WHERE deliveries.id = owned.id"
+                ),
+                {"ids": [i for b in batches for i in b], "jobs": owners},
+            )
+            return len(ids)
+
+        return await self.store.write_connection(work)
+
+    async def next_due(self, channel: str) -> datetime | None:
+        """When the earliest queued delivery of `channel` that no job has comes due
+        (held by quiet hours, or handed back), if later than now."""
+        async with self.store.sessions() as session:
+            found: datetime | None = await session.scalar(
+                select(func.min(DELIVERIES.c.next_attempt_at)).where(
+                    DELIVERIES.c.channel == channel,
+                    DELIVERIES.c.state == _QUEUED,
+                    DELIVERIES.c.job_id.is_(None),  # a job's own come due with its retry
+                    DELIVERIES.c.next_attempt_at > utcnow(),
+                )
+            )
+        return found
+
+    async def take(
+        self, job_id: int, ids: Sequence[int], *, limit: int, lease_seconds: float
+    ) -> list[Claimed]:
+        """Up to `limit` of the job's deliveries that are due, now `sending`: queued ones,
+        and those it had in flight when its worker died (only it may send them). Taken a
+        few at a time, so that what is superseded or cancelled meanwhile is not sent."""
+        now = utcnow()
+        table = DELIVERIES
+        mine = (
+            select(table.c.id)
+            .where(
+                table.c.job_id == job_id,
+                table.c.id.in_(list(ids)),
+                (table.c.state == _SENDING)
+                | (
+                    (table.c.state == _QUEUED)
+                    & (table.c.next_attempt_at.is_(None) | (table.c.next_attempt_at <= now))
+                ),
+            )
+            .order_by(table.c.seq, table.c.id)
+            .limit(limit)
+            # Locked and checked again: one cancelled or superseded meanwhile is left.
+            .with_for_update(skip_locked=True)
+        )
+        statement = (
+            update(table)
+            .where(table.c.id.in_(mine.scalar_subquery()))
+            .values(
+                state=_SENDING,
+                attempts=table.c.attempts + 1,
+                lease_until=now + timedelta(seconds=lease_seconds),
+                updated_at=now,
+            )
+            .returning(*(table.c[f.name] for f in fields(Claimed)))
+        )
+        rows = await self.store.write_connection(lambda conn: conn.execute(statement).all())
+        return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
+
+    async def still_queued(self, job_id: int) -> datetime | None:
+        """When the job's earliest delivery still queued is due (None: none is left)."""
+        async with self.store.sessions() as session:
+            row = (
+                await session.execute(
+                    select(
+                        func.count(),
+                        func.min(func.coalesce(DELIVERIES.c.next_attempt_at, utcnow())),
+                    ).where(DELIVERIES.c.job_id == job_id, DELIVERIES.c.state == _QUEUED)
+                )
+            ).one()
+        return row[1] if row[0] else None
+
+
+class RateLog:
+    """Send times reserved under rate limits shared by every worker on the store.
+
+    A limit of `count` messages per `window` seconds holds in every window, not only in
+    aligned ones: a new reservation comes at least `window` after the `count`-th latest
+    one. Reservations on one key are serialised by a transaction-scoped advisory lock.
+    """
+
+    def __init__(self, store: Store, *, headroom: float = 0.1) -> None:
+        """`headroom`: a fraction of the window kept free, so that a message delayed on
+        its way never makes the provider count one too many in its window."""
+        self.store = store
+        self.headroom = headroom
+
+    async def reserve(self, key: str, count: int, window_seconds: float) -> datetime:
+        """The time at which one more message may go out under `key`'s limit."""
+        spacing = timedelta(seconds=window_seconds * (1 + self.headroom))
+
+        def work(conn: Connection) -> datetime:
+            conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))
+            now = utcnow()
+            latest = list(
+                conn.scalars(
+                    select(RATE_RESERVATIONS.c.at)
+                    .where(RATE_RESERVATIONS.c.key == key)
+                    .order_by(RATE_RESERVATIONS.c.at.desc())
+                    .limit(count)
+                )
+            )
+            at = now
+            if len(latest) == count:
+                at = max(now, latest[-1] + spacing)
+            conn.execute(insert(RATE_RESERVATIONS).values(key=key, at=at))
+            # What can no longer bound a new reservation is forgotten as we go.
+            conn.execute(
+                delete(RATE_RESERVATIONS).where(
+                    RATE_RESERVATIONS.c.key == key, RATE_RESERVATIONS.c.at < now - 2 * spacing
+                )
+            )
+            return at
+
+        return await self.store.write_connection(work)
