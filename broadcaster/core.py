@@ -907,6 +907,8 @@ class Broadcaster:
                 detail=self.store.engine.url.render_as_string(hide_password=True),
             ),
         ]
+        stalled, driven = await self.backend.problem()
+        checks.append(DoctorCheck(subject="dispatch", ok=stalled is None, detail=stalled or driven))
         receivers: dict[str, list[str]] = {}
         for name, channel in self.channels.items():
             key = channel.inbound_key()

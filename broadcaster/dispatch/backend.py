@@ -61,6 +61,10 @@ class DispatchBackend(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Finish what this process still has to hand over (deferrals)."""
 
+    async def problem(self) -> tuple[str | None, str]:
+        """Why nothing would be sent now (None: no reason), and what drives deliveries."""
+        return None, "embedded: the publishing command, `dispatch` or a running `serve` sends"
+
     def in_publish(self, reminders: list[Wanted]) -> InTransaction | None:
         """Work a publish does in its own transaction (a task engine defers its jobs)."""
         return None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -39,7 +39,7 @@ import procrastinate
 from procrastinate.exceptions import AlreadyEnqueued
 from procrastinate.jobs import Job
 from procrastinate.schema import SchemaManager
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.util import await_only
 
 from broadcaster.config import WorkerSettings
@@ -73,6 +73,7 @@ MAX_JOB_ATTEMPTS = 1000  # a job failing for another reason than its deliveries
 SWEEP_CRON = "* * * * *"
 CLEANUP_CRON = "17 * * * *"
 WATCH_SECONDS = 0.2
+WORKERS_LOOK_SECONDS = 2.0  # a watcher looks for live workers after this
 FireReminders = FireDue
 
 
@@ -456,6 +457,23 @@ class WorkerRuntime:
             await self.deferrer.assign(reroute.fallback)
 
 
+async def run_together(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    """Run procrastinate workers until one stops or this is cancelled; then stop each
+    exactly once and wait for all. (`asyncio.gather` would return as soon as the first
+    one stopped, before the others' running jobs were done; a second cancel would cut
+    a worker's graceful shutdown short.)"""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
 class ProcrastinateBackend(DispatchBackend):
     """Deliveries and reminders as procrastinate jobs, run by `broadcaster worker`s.
 
@@ -477,17 +495,19 @@ class ProcrastinateBackend(DispatchBackend):
         self.app = build_app(libpq_url(settings.store_url), settings.workers)
         self.deferrer = Deferrer(self.app)
         self._opened = False
+        self._created_schema = False
         self._later: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         if not self._opened:
-            await apply_schema(self.settings.store_url)
+            self._created_schema = await apply_schema(self.settings.store_url)
             await self.app.open_async()
             self._opened = True
 
     async def upgrade(self) -> bool:
-        """Create the job tables if they are missing (`broadcaster db upgrade`)."""
-        return await apply_schema(self.settings.store_url)
+        """Create the job tables if they are missing (`broadcaster db upgrade`); whether
+        they were made by this process (as it opened, or now)."""
+        return await apply_schema(self.settings.store_url) or self._created_schema
 
     async def close(self) -> None:
         if self._later:
@@ -538,15 +558,46 @@ class ProcrastinateBackend(DispatchBackend):
 
         self._soon(schedule)
 
+    async def workers_alive(self) -> int:
+        """`broadcaster worker` processes that beat within `workers.stalled_seconds` (each
+        runs one procrastinate worker per channel, plus one)."""
+        async with self.store.sessions() as session:
+            beating = await session.scalar(
+                text(
+                    "SELECT count(*) FROM procrastinate_workers "
+                    "WHERE last_heartbeat > now() - make_interval(secs => :seconds)"
+                ),
+                {"seconds": self.workers.stalled_seconds},
+            )
+        return -(-int(beating or 0) // (len(self.channels) + 1))
+
+    async def problem(self) -> tuple[str | None, str]:
+        alive = await self.workers_alive()
+        if not alive:
+            return (
+                "no `broadcaster worker` is running on this store: nothing is sent until one "
+                "starts",
+                "procrastinate",
+            )
+        return None, f"procrastinate: {alive} `broadcaster worker` process(es) running"
+
     async def run_reminders(self, fire_due: FireDue, stop: asyncio.Event) -> None:
         """Workers fire reminders (their jobs): a `serve` has nothing to run."""
         await stop.wait()
 
     async def drive(self, until: Predicate, on_tick: Tick | None = None) -> None:
-        """Workers send: watch until `until()`."""
+        """Workers send: watch until `until()`, saying so when no worker runs."""
+        loop = asyncio.get_running_loop()
+        warned, looked = False, loop.time()
         while not await until():
             if on_tick is not None:
                 await on_tick(False)
+            if not warned and loop.time() - looked > WORKERS_LOOK_SECONDS:
+                looked = loop.time()
+                reason, _ = await self.problem()
+                if reason is not None:
+                    log.warning("%s", reason)
+                    warned = True
             await asyncio.sleep(WATCH_SECONDS)
 
     async def work(self, fire_due: FireDue, *, concurrency: int | None = None) -> None:
@@ -598,7 +649,7 @@ class ProcrastinateBackend(DispatchBackend):
                 )
                 for name in self.channels
             ]
-            await asyncio.gather(*workers)
+            await run_together(workers)
         finally:
             for channel in started:
                 with contextlib.suppress(Exception):
