@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from broadcaster.errors import BroadcasterError, ConfigError, NotFoundError
 from broadcaster.models import (
+    FAILED_STATES,
     DeliveryState,
     Impact,
     IncidentStatus,
@@ -358,6 +359,8 @@ class StoreSupportDesk:
         deadline = asyncio.get_running_loop().time() + RECEIPT_WAIT_SECONDS
         while True:
             if await queue.record_receipt(channel, provider_id, state, error, reroute=reroute):
+                if reroute is not None and state in FAILED_STATES:
+                    self.broadcaster.backend.published()  # the fallback has one to send
                 return True
             if asyncio.get_running_loop().time() + delay > deadline:
                 return False

@@ -1,6 +1,7 @@
 """Webhook: the update as JSON, POSTed to each target, signed per Standard Webhooks.
 
-`webhook-id` is the delivery key, so a receiver can drop the duplicate of a retry;
+`webhook-id` (and `Idempotency-Key`, for receivers that read that one) is the delivery
+key, so a receiver can drop the duplicate of a retry or of a send repeated after a crash;
 `webhook-timestamp` and `webhook-signature` (HMAC-SHA256 over id.timestamp.body) let it
 reject forgeries and replays.
 
@@ -319,6 +320,7 @@ class WebhookChannel(HttpChannel):
         now = datetime.now(UTC)
         headers = {
             "webhook-id": message.delivery_key,
+            "idempotency-key": message.delivery_key,
             "webhook-timestamp": str(int(now.timestamp())),
         }
         signer = self._signer_for(message)

@@ -295,6 +295,7 @@ async def test_webhooks_are_signed_and_carry_the_delivery_key(
         result, _ = await publish_and_wait(b, opening())
         keys = {d.delivery_key for d in await b.deliveries(result.incident.id)}
         assert {r.webhook_id for r in sim.received} == keys
+        assert {r.headers["idempotency-key"] for r in sim.received} == keys
         assert all(r.signature_valid for r in sim.received)
         body = sim.received[0].body
         assert body is not None

@@ -129,9 +129,12 @@ async def fanout(context: procrastinate.JobContext, update_id: int) -> None:
 
 
 @jobs.task(name="broadcaster.assign", queue=CONTROL_QUEUE, pass_context=True, retry=_RETRY)
-async def assign(context: procrastinate.JobContext, channel: str, due: str = "now") -> None:
-    """Hand a channel's due deliveries that no job has to deliver jobs."""
-    await _runtime(context).assign(channel)
+async def assign(
+    context: procrastinate.JobContext, channel: str, due: str = "now", recover: bool = False
+) -> None:
+    """Hand a channel's due deliveries that no job has to deliver jobs (with `recover`,
+    also those queued again after their job ended: a retry)."""
+    await _runtime(context).assign(channel, recover=recover)
 
 
 @jobs.task(name="broadcaster.deliver", pass_context=True, retry=_RETRY)
@@ -166,7 +169,7 @@ async def sweep(context: procrastinate.JobContext, timestamp: int) -> None:
     runtime = _runtime(context)
     await runtime.fire_reminders()
     for name in runtime.channels:
-        await runtime.assign(name)
+        await runtime.assign(name, recover=True)
 
 
 @jobs.task(name="broadcaster.retry_stalled", queue=CONTROL_QUEUE, pass_context=True)
@@ -296,14 +299,17 @@ class Deferrer:
         )
         return job_ids
 
-    async def assign(self, channel: str, at: datetime | None = None) -> None:
+    async def assign(
+        self, channel: str, at: datetime | None = None, *, recover: bool = False
+    ) -> None:
         """An `assign` job for the channel, now or at `at`; none when one is waiting."""
         due = at.isoformat() if at is not None else "now"
+        lock = f"assign:{channel}:{due}" + (":recover" if recover else "")
         with contextlib.suppress(AlreadyEnqueued):
             await (
                 self._task("assign")
-                .configure(schedule_at=at, queueing_lock=f"assign:{channel}:{due}")
-                .defer_async(channel=channel, due=due)
+                .configure(schedule_at=at, queueing_lock=lock)
+                .defer_async(channel=channel, due=due, recover=recover)
             )
 
 
@@ -355,13 +361,14 @@ class WorkerRuntime:
         for name in self.channels:
             await self.assign(name)
 
-    async def assign(self, channel: str) -> None:
+    async def assign(self, channel: str, *, recover: bool = False) -> None:
         while True:
             given = await self.owned.assign(
                 channel,
                 batch=self.workers.batch,
                 limit=ASSIGN_LIMIT,
                 defer=self.deferrer.deliver_batches,
+                recover=recover,
             )
             if given < ASSIGN_LIMIT:
                 break
@@ -381,6 +388,7 @@ class WorkerRuntime:
                 raise DeliveriesPending(utcnow() + timedelta(seconds=BROKEN_RETRY_SECONDS))
             return
         outcomes: list[Outcome] = []
+        finished: set[tuple[int, str]] = set()  # threads whose delivery settled
         broken: str | None = None
         while broken is None:
             claimed = await self.owned.take(
@@ -391,13 +399,15 @@ class WorkerRuntime:
             taken, broken = await self._send(channel, claimed)
             await self.queue.settle(taken)
             outcomes += taken
+            settled = {o.id for o in taken if not o.state.is_pending}
+            finished |= {c.thread for c in claimed if c.id in settled}
         rerouted = {o.reroute.fallback for o in outcomes if o.reroute is not None}
         for fallback in rerouted:
             await self.deferrer.assign(fallback)
         if broken is not None:
             await self._found_broken(channel_name, broken)
-        if any(not o.state.is_pending for o in outcomes):
-            # Follow-ups waiting for these posts (their threads) may go now.
+        if await self.owned.followups_waiting(channel_name, finished):
+            # A follow-up waited for one of these posts (its thread): it may go now.
             await self.deferrer.assign(channel_name)
         pending = await self.owned.still_queued(job_id)
         if pending is not None:
@@ -546,7 +556,7 @@ class ProcrastinateBackend(DispatchBackend):
 
         async def assign_all() -> None:
             for name in self.channels:
-                await self.deferrer.assign(name)
+                await self.deferrer.assign(name, recover=True)
 
         self._soon(assign_all)
 

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Text,
     cast,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     select,
     table,
     text,
+    tuple_,
     update,
 )
 
@@ -54,25 +56,40 @@ class JobDeliveries:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def assign(self, channel: str, *, batch: int, limit: int, defer: DeferBatches) -> int:
+    async def assign(
+        self,
+        channel: str,
+        *,
+        batch: int,
+        limit: int,
+        defer: DeferBatches,
+        recover: bool = False,
+    ) -> int:
         """Give up to `limit` due deliveries of `channel` that no job has to new deliver
-        jobs of `batch` each, in one transaction; how many were given."""
+        jobs of `batch` each, in one transaction; how many were given. With `recover`,
+        also those whose job will not run again (it failed for good, or was deleted):
+        that looks through every queued delivery of the channel, so only the minute's
+        sweep asks for it."""
 
         def work(conn: Connection) -> int:
             candidate = DELIVERIES.alias("candidate")
-            owner_alive = (
-                select(_JOBS.c.id)
-                .where(_JOBS.c.id == candidate.c.job_id, cast(_JOBS.c.status, Text).in_(_LIVE_JOB))
-                .exists()
-            )
+            unassigned: ColumnElement[bool] = candidate.c.job_id.is_(None)
+            if recover:
+                owner_alive = (
+                    select(_JOBS.c.id)
+                    .where(
+                        _JOBS.c.id == candidate.c.job_id,
+                        cast(_JOBS.c.status, Text).in_(_LIVE_JOB),
+                    )
+                    .exists()
+                )
+                unassigned = unassigned | ~owner_alive
             ids = list(
                 conn.scalars(
                     select(candidate.c.id)
                     .where(
                         candidate.c.channel == channel,
-                        # No job, or its job is over (finished, given up): queued again
-                        # by `retry`, or left by a job that failed.
-                        candidate.c.job_id.is_(None) | ~owner_alive,
+                        unassigned,
                         due_unblocked(candidate, utcnow()),
                     )
                     .order_by(candidate.c.seq, candidate.c.id)
@@ -149,6 +166,26 @@ class JobDeliveries:
         )
         rows = await self.store.write_connection(lambda conn: conn.execute(statement).all())
         return sorted((Claimed(*row) for row in rows), key=lambda c: c.id)
+
+    async def followups_waiting(self, channel: str, threads: set[tuple[int, str]]) -> bool:
+        """Whether a delivery no job has yet waits behind one of these threads (incident,
+        recipient) of `channel`: their posts just settled, so it may go now."""
+        if not threads:
+            return False
+        async with self.store.sessions() as session:
+            found = await session.scalar(
+                select(
+                    select(DELIVERIES.c.id)
+                    .where(
+                        tuple_(DELIVERIES.c.incident_id, DELIVERIES.c.recipient).in_(list(threads)),
+                        DELIVERIES.c.channel == channel,
+                        DELIVERIES.c.state == _QUEUED,
+                        DELIVERIES.c.job_id.is_(None),
+                    )
+                    .exists()
+                )
+            )
+        return bool(found)
 
     async def still_queued(self, job_id: int) -> datetime | None:
         """When the job's earliest delivery still queued is due (None: none is left)."""

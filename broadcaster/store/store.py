@@ -1337,6 +1337,7 @@ class Store:
                 row.state = DeliveryState.QUEUED.value
                 row.attempts = 0
                 row.next_attempt_at = None
+                row.job_id = None  # its deliver job (procrastinate backend) is done
                 row.deadline_at = now + timedelta(seconds=deadline_seconds.get(row.channel, 3600))
                 row.updated_at = now
                 requeued += 1

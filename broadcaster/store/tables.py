@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -117,6 +118,15 @@ class DeliveryRow(Base):
         Index("ix_deliveries_target", "target_id"),
         Index("ix_deliveries_provider", "channel", "provider_id"),  # delivery receipts
         Index("ix_deliveries_job", "job_id"),  # the distributed backend's deliver jobs
+        # What no deliver job has yet, in claim order: `assign` reads only these.
+        Index(
+            "ix_deliveries_unassigned",
+            "channel",
+            "seq",
+            "id",
+            postgresql_where=text("state = 'queued' AND job_id IS NULL"),
+            sqlite_where=text("state = 'queued' AND job_id IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -20,6 +20,14 @@ def upgrade() -> None:
     with op.batch_alter_table("deliveries") as batch:
         batch.add_column(sa.Column("job_id", sa.BigInteger(), nullable=True))
         batch.create_index("ix_deliveries_job", ["job_id"], unique=False)
+    unassigned = sa.text("state = 'queued' AND job_id IS NULL")
+    op.create_index(
+        "ix_deliveries_unassigned",
+        "deliveries",
+        ["channel", "seq", "id"],
+        postgresql_where=unassigned,
+        sqlite_where=unassigned,
+    )
     op.create_table(
         "rate_reservations",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -33,6 +41,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_rate_reservations_key_at", table_name="rate_reservations")
     op.drop_table("rate_reservations")
+    op.drop_index("ix_deliveries_unassigned", table_name="deliveries")
     with op.batch_alter_table("deliveries") as batch:
         batch.drop_index("ix_deliveries_job")
         batch.drop_column("job_id")
