@@ -483,8 +483,8 @@ class Broadcaster:
         )
         plan.in_transaction = self.backend.in_publish(plan.reminders)
         update, new = await self.store.publish(plan)
-        if new and plan.reminders:
-            self.backend.reminders_stored()
+        if new and plan.reminders and plan.in_transaction is None:
+            self.backend.reminders_stored()  # a hook in the transaction saw to them
         if new:
             log.info(
                 "published update %d of incident %d to %s",
@@ -561,6 +561,7 @@ class Broadcaster:
         """The kill switch: stop an update's queued deliveries. Returns how many stopped."""
         cancelled = await self.store.cancel_update(update_id, actor)
         await self._restore_promises(update_id, actor=actor)
+        self.backend.published()  # follow-ups that waited behind what stopped may go
         return cancelled
 
     async def retract(

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from broadcaster.config import DispatchSettings
 from broadcaster.dispatch.ratelimit import Limiters, RateLimiters
-from broadcaster.dispatch.sender import SEND_TIMEOUT_SECONDS, Ready, Sender
+from broadcaster.dispatch.sender import SEND_TIMEOUT_SECONDS, Ready, Sender, settle_surely
 from broadcaster.models import ChannelRender, DeliveryState
 from broadcaster.store import Claimed, DeliveryQueue, Outcome, Store
 from broadcaster.store.queue import QuietWindow
@@ -274,8 +274,8 @@ class Dispatcher:
             task.add_done_callback(self._sends.discard)
 
     async def _send(self, channel: Channel, item: Ready) -> None:
-        outcome, broken = await self.sender.send(channel, item)
-        self._outcomes.put_nowait((channel.name, outcome, broken))
+        sent = await self.sender.send(channel, item)
+        self._outcomes.put_nowait((channel.name, sent.outcome, sent.broken))
 
     async def _write_outcomes(self) -> None:
         while True:
@@ -287,15 +287,7 @@ class Dispatcher:
                 self._outcomes.task_done()
 
     async def _settle(self, batch: list[tuple[str, Outcome, str | None]]) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await self.queue.settle([outcome for _, outcome, _ in batch])
-                break
-            except Exception:  # the store is busy or briefly gone: outcomes must not be lost
-                log.exception("could not record %d outcomes; retrying", len(batch))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await settle_surely(self.queue, [outcome for _, outcome, _ in batch])
         for name, outcome, broken in batch:
             state = self._states[name]
             state.unsettled -= 1

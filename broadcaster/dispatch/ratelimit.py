@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from datetime import datetime
 
 from aiolimiter import AsyncLimiter
 
 from broadcaster.models import RateLimit
 from broadcaster.store import Store
 from broadcaster.store.jobs import RateLog
-from broadcaster.store.tables import utcnow
 
 Key = tuple[str, ...]
 
@@ -60,11 +58,6 @@ class SharedRateLimiters(Limiters):
         self.log = RateLog(store)
 
     async def wait(self, key: Key, per_second: float, burst: int) -> None:
-        at = await self.log.reserve(":".join(key), burst, burst / per_second)
-        await sleep_until(at)
-
-
-async def sleep_until(at: datetime) -> None:
-    delay = (at - utcnow()).total_seconds()
-    if delay > 0:
-        await asyncio.sleep(delay)
+        delay = await self.log.reserve(":".join(key), burst, burst / per_second)
+        if delay > 0:
+            await asyncio.sleep(delay)

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -42,6 +42,34 @@ class Ready:
     thread: Thread | None
     target: Target | None
     address: str | None
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one send came to: the delivery's next state, and the adapter's classified
+    error when it failed (a `TransientError` carries the provider's Retry-After)."""
+
+    outcome: Outcome
+    error: Exception | None = None
+
+    @property
+    def broken(self) -> str | None:
+        """Why the channel is broken, when this send found it so."""
+        return str(self.error) if isinstance(self.error, ChannelBrokenError) else None
+
+
+async def settle_surely(queue: DeliveryQueue, outcomes: Sequence[Outcome]) -> None:
+    """Write outcomes, trying again while the store is busy or briefly gone: a sent
+    message whose outcome is lost would be sent again."""
+    delay = 0.05
+    while True:
+        try:
+            await queue.settle(outcomes)
+            return
+        except Exception:
+            log.exception("could not record %d outcomes; retrying", len(outcomes))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def retry_policy(channel: Channel) -> RetryPolicy:
@@ -186,8 +214,8 @@ class Sender:
             ready.append(Ready(item, render, threads.get(item.thread), target, address))
         return ready, settled
 
-    async def send(self, channel: Channel, ready: Ready) -> tuple[Outcome, str | None]:
-        """Send one delivery; its outcome, and why the channel is broken if it is."""
+    async def send(self, channel: Channel, ready: Ready) -> Sent:
+        """Send one delivery: its outcome, and the adapter's error if it failed."""
         claimed = ready.claimed
         try:
             message = Message(
@@ -207,17 +235,15 @@ class Sender:
                 limit=channel.rate_limit_for(claimed.recipient),
             )
             async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-                return await self._act(channel, claimed, message, ready.target), None
+                return Sent(await self._act(channel, claimed, message, ready.target))
         except (TransientError, PermanentError, ChannelBrokenError) as error:
-            outcome = self._with_fallback(
-                channel, claimed, error, self._failure(channel, claimed, error)
-            )
-            return outcome, str(error) if isinstance(error, ChannelBrokenError) else None
+            failed = self._failure(channel, claimed, error)
+            return Sent(self._with_fallback(channel, claimed, error, failed), error)
         except TimeoutError:
             timeout = TransientError(
                 f"{channel.name}: no answer within {SEND_TIMEOUT_SECONDS:.0f}s"
             )
-            return self._failure(channel, claimed, timeout), None
+            return Sent(self._failure(channel, claimed, timeout), timeout)
         except Exception as error:  # an adapter bug must not kill the dispatcher
             log.exception(
                 "%s: unexpected error from the adapter",
@@ -225,7 +251,7 @@ class Sender:
                 extra={"channel": channel.name, "delivery_id": claimed.id},
             )
             wrapped = TransientError(f"{channel.name}: unexpected {type(error).__name__}")
-            return self._failure(channel, claimed, wrapped), None
+            return Sent(self._failure(channel, claimed, wrapped), wrapped)
 
     @staticmethod
     async def _act(

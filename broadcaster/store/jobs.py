@@ -115,6 +115,41 @@ class JobDeliveries:
 
         return await self.store.write_connection(work)
 
+    async def release(self, job_id: int) -> int:
+        """The job's queued deliveries no longer belong to it (its channel is broken):
+        they wait without a job, to be handed out when the channel works again."""
+        table = DELIVERIES
+
+        def work(conn: Connection) -> int:
+            result = conn.execute(
+                update(table)
+                .where(table.c.job_id == job_id, table.c.state == _QUEUED)
+                .values(job_id=None)
+            )
+            return int(result.rowcount)
+
+        return await self.store.write_connection(work)
+
+    async def requeue_orphans(self, channel: str) -> int:
+        """Deliveries left `sending` by a job that will not run again (it failed for
+        good, or was deleted by hand) go back to the queue; how many."""
+        table = DELIVERIES
+        owner_alive = (
+            select(_JOBS.c.id)
+            .where(_JOBS.c.id == table.c.job_id, cast(_JOBS.c.status, Text).in_(_LIVE_JOB))
+            .exists()
+        )
+
+        def work(conn: Connection) -> int:
+            result = conn.execute(
+                update(table)
+                .where(table.c.channel == channel, table.c.state == _SENDING, ~owner_alive)
+                .values(state=_QUEUED, job_id=None, lease_until=None, updated_at=utcnow())
+            )
+            return int(result.rowcount)
+
+        return await self.store.write_connection(work)
+
     async def next_due(self, channel: str) -> datetime | None:
         """When the earliest queued delivery of `channel` that no job has comes due
         (held by quiet hours, or handed back), if later than now."""
@@ -215,13 +250,17 @@ class RateLog:
         self.store = store
         self.headroom = headroom
 
-    async def reserve(self, key: str, count: int, window_seconds: float) -> datetime:
-        """The time at which one more message may go out under `key`'s limit."""
+    async def reserve(self, key: str, count: int, window_seconds: float) -> float:
+        """Seconds to wait before one more message may go out under `key`'s limit.
+
+        Times are the database's clock, so the nodes' clocks need not agree."""
         spacing = timedelta(seconds=window_seconds * (1 + self.headroom))
 
-        def work(conn: Connection) -> datetime:
+        def work(conn: Connection) -> float:
+            # A reservation lost in a database crash only lets one message more through.
+            conn.execute(text("SET LOCAL synchronous_commit = off"))
             conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))
-            now = utcnow()
+            now: datetime = conn.scalar(select(func.clock_timestamp()))  # type: ignore[assignment]
             latest = list(
                 conn.scalars(
                     select(RATE_RESERVATIONS.c.at)
@@ -240,6 +279,20 @@ class RateLog:
                     RATE_RESERVATIONS.c.key == key, RATE_RESERVATIONS.c.at < now - 2 * spacing
                 )
             )
-            return at
+            return (at - now).total_seconds()
+
+        return await self.store.write_connection(work)
+
+    async def forget(self, older_than: timedelta) -> int:
+        """Delete reservations older than that under any key (keys used once, such as
+        one recipient's, are otherwise never looked at again)."""
+
+        def work(conn: Connection) -> int:
+            result = conn.execute(
+                delete(RATE_RESERVATIONS).where(
+                    RATE_RESERVATIONS.c.at < func.clock_timestamp() - older_than
+                )
+            )
+            return int(result.rowcount)
 
         return await self.store.write_connection(work)

@@ -774,12 +774,16 @@ class DeliveryQueue:
         fallback reaches the subscriber, in the same transaction."""
 
         def write(conn: Connection) -> tuple[bool, bool]:
-            fanout = conn.execute(
+            oldest = (
                 select(FANOUTS)
                 .where(FANOUTS.c.channel == channel, FANOUTS.c.state == FANOUT_RUNNING)
                 .order_by(FANOUTS.c.update_id)
                 .limit(1)
-            ).one_or_none()
+            )
+            if conn.dialect.name != "sqlite":
+                # Several workers step fan-outs at once: each takes one no other holds.
+                oldest = oldest.with_for_update(skip_locked=True)
+            fanout = conn.execute(oldest).one_or_none()
             if fanout is None:
                 return False, False
             done = _fanout_step(
@@ -943,15 +947,24 @@ class DeliveryQueue:
 
     # -- channel health -----------------------------------------------------------
 
-    async def mark_broken(self, channel: str, reason: str) -> None:
+    async def mark_broken(self, channel: str, reason: str) -> bool:
+        """Mark the channel broken; whether it was not already (so that of several
+        workers finding it broken at once, one tells the team)."""
         now = utcnow()
-        async with self.store.transaction() as session:
-            row = await session.get(ChannelHealthRow, channel)
-            if row is None:
-                session.add(ChannelHealthRow(channel=channel, broken_reason=reason, broken_at=now))
-            else:
+        try:
+            async with self.store.transaction() as session:
+                row = await session.get(ChannelHealthRow, channel, with_for_update=True)
+                if row is None:
+                    session.add(
+                        ChannelHealthRow(channel=channel, broken_reason=reason, broken_at=now)
+                    )
+                    return True
+                first = row.broken_reason is None
                 row.broken_reason = reason
                 row.broken_at = now
+                return first
+        except IntegrityError:  # another process inserted the row first: it was first
+            return False
 
     async def is_broken(self, channel: str) -> bool:
         async with self.store.sessions() as session:
