@@ -6,7 +6,9 @@ store by every worker on every node (procrastinate backend).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 
 from aiolimiter import AsyncLimiter
 
@@ -18,20 +20,36 @@ Key = tuple[str, ...]
 
 
 class Limiters(ABC):
-    """`acquire` waits for the account's limit, then the target's."""
+    """`slot()` holds a send: it waits for the account's limit, then the target's."""
 
-    async def acquire(self, *, account: str, channel: str, target: str, limit: RateLimit) -> None:
-        """Return once one more message may go to `target` of `channel` on `account`."""
+    @contextlib.asynccontextmanager
+    async def slot(
+        self, *, account: str, channel: str, target: str, limit: RateLimit
+    ) -> AsyncIterator[None]:
+        """Around one send to `target` of `channel` on `account`."""
+        buckets: list[tuple[Key, float, int]] = []
         if limit.global_per_second:
-            await self.wait(("account", account), limit.global_per_second, limit.global_burst)
+            buckets.append((("account", account), limit.global_per_second, limit.global_burst))
         if limit.per_target_per_second:
-            await self.wait(
-                ("target", channel, target), limit.per_target_per_second, limit.per_target_burst
+            buckets.append(
+                (("target", channel, target), limit.per_target_per_second, limit.per_target_burst)
             )
+        taken = []
+        try:
+            for key, per_second, burst in buckets:
+                taken.append(await self.wait(key, per_second, burst))
+            yield
+        finally:
+            if taken:
+                await self.sent(taken)
 
     @abstractmethod
-    async def wait(self, key: Key, per_second: float, burst: int) -> None:
-        """Wait until the limit `burst` at once, refilled at `per_second`, lets one pass."""
+    async def wait(self, key: Key, per_second: float, burst: int) -> int | None:
+        """Wait until the limit `burst` at once, refilled at `per_second`, lets one pass;
+        what `sent` is told once it went (or failed)."""
+
+    async def sent(self, taken: list[int | None]) -> None:  # noqa: B027 - optional hook
+        """The send these waits let through is over."""
 
 
 class RateLimiters(Limiters):
@@ -48,16 +66,24 @@ class RateLimiters(Limiters):
             bucket = AsyncLimiter(max_rate=burst, time_period=burst / per_second)
             self._buckets[key] = bucket
         await bucket.acquire()
+        return None
 
 
 class SharedRateLimiters(Limiters):
     """Limits that hold across processes: at most `burst` messages in any window of
-    `burst / per_second` seconds, reserved in the store (`RateLog`)."""
+    `burst / per_second` seconds, reserved in the store (`RateLog`). Once a send is
+    over, its reservation moves to that time: the provider saw it no later, so a message
+    slowed on its way (a cold connection) never lets the next ones crowd the window."""
 
     def __init__(self, store: Store) -> None:
         self.log = RateLog(store)
 
-    async def wait(self, key: Key, per_second: float, burst: int) -> None:
-        delay = await self.log.reserve(":".join(key), burst, burst / per_second)
+    async def wait(self, key: Key, per_second: float, burst: int) -> int:
+        reservation, delay = await self.log.reserve(":".join(key), burst, burst / per_second)
         if delay > 0:
             await asyncio.sleep(delay)
+        return reservation
+
+    async def sent(self, taken: list[int | None]) -> None:
+        with contextlib.suppress(Exception):  # best effort: the reserved time stands
+            await self.log.sent([t for t in taken if t is not None])

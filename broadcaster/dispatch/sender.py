@@ -228,13 +228,13 @@ class Sender:
                 update_id=claimed.update_id,
                 delivery_key=claimed.delivery_key,
             )
-            await self.limiters.acquire(
+            slot = self.limiters.slot(
                 account=channel.account_key(),
                 channel=channel.name,
                 target=channel.rate_limit_target(claimed.recipient),
                 limit=channel.rate_limit_for(claimed.recipient),
             )
-            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+            async with slot, asyncio.timeout(SEND_TIMEOUT_SECONDS):
                 return Sent(await self._act(channel, claimed, message, ready.target))
         except (TransientError, PermanentError, ChannelBrokenError) as error:
             failed = self._failure(channel, claimed, error)

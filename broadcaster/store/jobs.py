@@ -250,13 +250,14 @@ class RateLog:
         self.store = store
         self.headroom = headroom
 
-    async def reserve(self, key: str, count: int, window_seconds: float) -> float:
-        """Seconds to wait before one more message may go out under `key`'s limit.
+    async def reserve(self, key: str, count: int, window_seconds: float) -> tuple[int, float]:
+        """A reservation under `key`'s limit: its id (for `sent`), and the seconds to
+        wait before its message may go out.
 
         Times are the database's clock, so the nodes' clocks need not agree."""
         spacing = timedelta(seconds=window_seconds * (1 + self.headroom))
 
-        def work(conn: Connection) -> float:
+        def work(conn: Connection) -> tuple[int, float]:
             # A reservation lost in a database crash only lets one message more through.
             conn.execute(text("SET LOCAL synchronous_commit = off"))
             conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))
@@ -272,16 +273,34 @@ class RateLog:
             at = now
             if len(latest) == count:
                 at = max(now, latest[-1] + spacing)
-            conn.execute(insert(RATE_RESERVATIONS).values(key=key, at=at))
+            reservation = conn.execute(
+                insert(RATE_RESERVATIONS).values(key=key, at=at).returning(RATE_RESERVATIONS.c.id)
+            ).scalar_one()
             # What can no longer bound a new reservation is forgotten as we go.
             conn.execute(
                 delete(RATE_RESERVATIONS).where(
                     RATE_RESERVATIONS.c.key == key, RATE_RESERVATIONS.c.at < now - 2 * spacing
                 )
             )
-            return (at - now).total_seconds()
+            return reservation, (at - now).total_seconds()
 
         return await self.store.write_connection(work)
+
+    async def sent(self, reservations: list[int]) -> None:
+        """These reservations' messages have gone (or failed): each takes the time it
+        ended, when the provider had surely seen it, if later than the time reserved."""
+        if not reservations:
+            return
+
+        def work(conn: Connection) -> None:
+            conn.execute(text("SET LOCAL synchronous_commit = off"))
+            conn.execute(
+                update(RATE_RESERVATIONS)
+                .where(RATE_RESERVATIONS.c.id.in_(reservations))
+                .values(at=func.greatest(RATE_RESERVATIONS.c.at, func.clock_timestamp()))
+            )
+
+        await self.store.write_connection(work)
 
     async def forget(self, older_than: timedelta) -> int:
         """Delete reservations older than that under any key (keys used once, such as
