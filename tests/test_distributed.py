@@ -16,7 +16,7 @@ import tomli_w
 
 from broadcaster.core import Broadcaster
 from broadcaster.models import ComponentState, IncidentStatus, UpdateRequest
-from broadcaster.sandbox import WebhookReceiver
+from broadcaster.sandbox import Behaviour, WebhookReceiver
 from tests.conftest import TEST_WORKERS, MakeBroadcaster, fresh_postgres, webhook_channel
 from tests.test_serve import BANNER
 
@@ -112,3 +112,33 @@ def test_a_worker_outlives_a_database_outage(
     finally:
         worker.kill()
         worker.wait(timeout=30)
+
+
+@pytest.mark.parametrize("make_dispatching", ["procrastinate"], indirect=True)
+async def test_a_channel_broken_under_many_jobs_at_once_is_reported_once(
+    make_dispatching: MakeBroadcaster, receiver: WebhookReceiver
+) -> None:
+    partners = [f"partner{n}" for n in range(6)]
+    for name in partners:
+        receiver.script(name, Behaviour(status=401, delay=0.3))  # they revoked our key
+    b: Broadcaster = await make_dispatching(
+        {
+            "status-page": BANNER,
+            "partners": webhook_channel(receiver, partners),
+            "ops": webhook_channel(receiver, ["oncall"]),
+        },
+        components=COMPONENTS,
+        default_channels=["status-page", "partners"],
+        cadence={"notify": ["ops"]},
+        # One delivery a job, several jobs at once: each meets the refusal.
+        workers={**TEST_WORKERS, "batch": 1, "concurrency": 4},
+    )
+    opened = await b.publish(outage("Payments slow", datetime.now(UTC) + timedelta(hours=1)))
+    await asyncio.wait_for(b.wait([opened.update.id]), timeout=30)
+    await asyncio.sleep(1)  # any late second report would have arrived by now
+    refused = [a for a in receiver.attempts if a.path.startswith("/hook/partner")]
+    assert len(refused) >= 2  # several jobs found it broken at once
+    told = [r for r in receiver.received if r.path == "/hook/oncall"]
+    assert len(told) == 1
+    assert told[0].body is not None
+    assert "Channel 'partners' is broken" in told[0].body["text"]
