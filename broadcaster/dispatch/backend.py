@@ -43,6 +43,19 @@ StillMine = Callable[[], Awaitable[bool]]
 FireDue = Callable[[StillMine], Awaitable[object]]
 
 
+async def fire_as_scheduler(queue: DeliveryQueue, holder: str, fire_due: FireDue) -> bool:
+    """Fire due reminders if `holder` holds (or now takes) the store's scheduler lease,
+    renewed before each reminder; whether it does. One process fires at a time."""
+
+    async def still_mine() -> bool:
+        return await queue.acquire_lease(SCHEDULER_LEASE, holder, SCHEDULER_LEASE_SECONDS)
+
+    holds = await still_mine()
+    if holds:
+        await fire_due(still_mine)
+    return holds
+
+
 def quiet_window(settings: Settings) -> QuietWindow | None:
     """Quiet hours (subscribers.quiet_hours) as the fan-out applies them; subscribers who
     set no time zone are in the config's."""
@@ -159,16 +172,7 @@ class EmbeddedBackend(DispatchBackend):
     async def fire_if_holder(self, fire_due: FireDue) -> bool:
         """Fire due reminders if this process holds (or now takes) the scheduler lease;
         whether it does."""
-
-        async def still_mine() -> bool:
-            return await self.queue.acquire_lease(
-                SCHEDULER_LEASE, self.holder, SCHEDULER_LEASE_SECONDS
-            )
-
-        holds = await still_mine()
-        if holds:
-            await fire_due(still_mine)
-        return holds
+        return await fire_as_scheduler(self.queue, self.holder, fire_due)
 
     async def run_reminders(self, fire_due: FireDue, stop: asyncio.Event) -> None:
         while not stop.is_set():

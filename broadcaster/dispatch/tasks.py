@@ -37,7 +37,7 @@ from sqlalchemy import Connection
 from sqlalchemy.util import await_only
 
 from broadcaster.config import WorkerSettings
-from broadcaster.dispatch.backend import SCHEDULER_LEASE, SCHEDULER_LEASE_SECONDS, FireDue
+from broadcaster.dispatch.backend import SCHEDULER_LEASE, FireDue, fire_as_scheduler
 from broadcaster.dispatch.dispatcher import FANOUT_BATCH, BrokenHook
 from broadcaster.dispatch.sender import Ready, Sender, Sent, settle_surely
 from broadcaster.errors import TransientError
@@ -317,22 +317,13 @@ class WorkerRuntime:
         self.stopping = True
 
     async def fire_reminders(self) -> bool:
-        """Fire due reminders if this process holds (or takes) the store's scheduler
-        lease, as the embedded backend does; whether it did."""
-
-        async def still_mine() -> bool:
-            return await self.queue.acquire_lease(
-                SCHEDULER_LEASE, self.holder, SCHEDULER_LEASE_SECONDS
-            )
-
-        if not await still_mine():
-            return False
+        """Fire due reminders under the store's scheduler lease, as the embedded backend
+        does, then let it go for the next job; whether this worker could fire."""
         try:
-            await self.fire_due(still_mine)
+            return await fire_as_scheduler(self.queue, self.holder, self.fire_due)
         finally:
             with contextlib.suppress(Exception):
                 await self.queue.release_lease(SCHEDULER_LEASE, self.holder)
-        return True
 
     async def sweep(self) -> None:
         await self.fire_reminders()
