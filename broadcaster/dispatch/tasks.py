@@ -54,6 +54,7 @@ log = logging.getLogger("broadcaster.dispatch")
 CONTROL_QUEUE = "broadcaster"
 BROKEN_RECHECK_SECONDS = 30.0  # a broken channel is looked at again this often
 SCHEDULER_BUSY_SECONDS = 2.0  # another worker fires reminders: look again after this
+LOCKED_RETRY_SECONDS = 1.0  # a deliver job that could take none of its due deliveries
 AGAIN_SECONDS = 5.0  # a job that could not reach the store defers itself this much later
 ASSIGN_LIMIT = 5000  # deliveries handed to jobs per transaction
 RATE_LOG_KEPT = timedelta(days=1)  # longer than any rate limit's window
@@ -391,10 +392,12 @@ class WorkerRuntime:
         finished: set[tuple[int, str]] = set()  # threads whose delivery settled
         errors: list[Exception] = []
         found_broken: str | None = None
+        took = 0
         while found_broken is None and not self.stopping:
             claimed = await self.owned.take(
                 job_id, ids, limit=channel.concurrency, lease_seconds=self.lease_seconds
             )
+            took += len(claimed)
             if not claimed:
                 break
             sent = await self._send(channel, claimed)
@@ -405,6 +408,8 @@ class WorkerRuntime:
             found_broken = next((s.broken for s in sent if s.broken is not None), None)
             settled = {o.id for o in taken if not o.state.is_pending}
             finished |= {c.thread for c in claimed if c.id in settled}
+            if len(claimed) < channel.concurrency:
+                break  # it had no more due: spare the empty take
         for fallback in {o.reroute.fallback for o in outcomes if o.reroute is not None}:
             await self.deferrer.assign(fallback)
         if found_broken is not None:
@@ -416,6 +421,8 @@ class WorkerRuntime:
             await self.deferrer.assign(channel_name)
         pending = await self.owned.still_queued(job_id)
         if pending is not None:
+            if not took:  # due, yet locked by another transaction: not again at once
+                pending = max(pending, utcnow() + timedelta(seconds=LOCKED_RETRY_SECONDS))
             raise RunAgainAt(pending, errors[-1] if errors else None)
 
     async def _send(self, channel: Channel, claimed: list[Claimed]) -> list[Sent]:

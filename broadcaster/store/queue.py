@@ -157,6 +157,11 @@ def due_unblocked(candidate: Any, now: Any) -> Any:
             earlier.c.state.in_(_PENDING),
         )
         .correlate(candidate)
+        # OFFSET 0 keeps PostgreSQL from turning this into an anti join: planned without
+        # statistics on queued deliveries (a big fan-out on a table at rest), that join
+        # scanned every delivery of the incident per candidate; as a subplan it is one
+        # probe of ix_deliveries_thread per candidate, whatever the statistics say.
+        .offset(0)
         .exists()
     )
     return and_(
