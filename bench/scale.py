@@ -70,6 +70,7 @@ from typing import Any
 
 import subscribers as audience_bench
 
+from broadcaster.dispatch.distributed import libpq_url
 from broadcaster.runtime import run as run_loop
 
 RESULT_PREFIX = "RESULT "
@@ -197,39 +198,17 @@ def running_receiver(kind: str) -> Iterator[audience_bench.Simulator]:
         with audience_bench.running_simulator(RECEIVER_OF[kind]) as simulator:
             yield simulator
         return
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--receiver"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 30)
-        line = process.stdout.readline() if ready else ""
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"the webhook receiver did not start (said {line!r})")
-        yield audience_bench.Simulator("webhook", process, int(line.split()[1]))
-    finally:
-        if process.stdin is not None:
-            with contextlib.suppress(OSError):
-                process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    with audience_bench.running_child(
+        "webhook", [str(Path(__file__).resolve()), "--receiver"]
+    ) as receiver:
+        yield receiver
 
 
 # -- the store: a fresh database state per contender ----------------------------------------
 
 
-def libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def database_name(url: str) -> str:
-    return libpq(url).rsplit("/", 1)[1].split("?", 1)[0]
+    return libpq_url(url).rsplit("/", 1)[1].split("?", 1)[0]
 
 
 def ensure_database(url: str) -> None:
@@ -237,7 +216,7 @@ def ensure_database(url: str) -> None:
     import psycopg
 
     name = database_name(url)
-    maintenance = libpq(url).rsplit("/", 1)[0] + "/postgres"
+    maintenance = libpq_url(url).rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(maintenance, autocommit=True) as conn:
         found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if found is None:
@@ -249,7 +228,7 @@ def reset_database(url: str) -> None:
     """An empty `public` schema: no store, no jobs, no workers."""
     import psycopg
 
-    with psycopg.connect(libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         conn.execute("DROP SCHEMA IF EXISTS public CASCADE")
         conn.execute("CREATE SCHEMA public")
 
@@ -305,7 +284,7 @@ def setup_store(store: str, n: int, kinds: list[str], port: int, *, jobs: bool) 
         return time.perf_counter() - started
     import psycopg
 
-    with psycopg.connect(libpq(store)) as conn:
+    with psycopg.connect(libpq_url(store)) as conn:
         with conn.cursor() as cursor:
             columns = "id, phone, email, webhook_url, language, created_at"
             with cursor.copy(f"COPY subscribers ({columns}) FROM STDIN") as copy:
@@ -441,7 +420,7 @@ def transactions(url: str) -> int:
     statistics have them (a backend reports its own at most a second late)."""
     import psycopg
 
-    with psycopg.connect(libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         row = conn.execute(
             "SELECT xact_commit + xact_rollback FROM pg_stat_database "
             "WHERE datname = current_database()"
@@ -554,7 +533,7 @@ class Activity:
     def _run(self) -> None:
         import psycopg
 
-        with psycopg.connect(libpq(self.url), autocommit=True) as conn:
+        with psycopg.connect(libpq_url(self.url), autocommit=True) as conn:
             while not self.stop_event.wait(ACTIVITY_SECONDS):
                 rows = conn.execute(
                     "SELECT state, wait_event_type, wait_event, query FROM pg_stat_activity "
@@ -611,7 +590,7 @@ class AutoAnalyze:
     def _run(self) -> None:
         import psycopg
 
-        with psycopg.connect(libpq(self.url), autocommit=True) as conn:
+        with psycopg.connect(libpq_url(self.url), autocommit=True) as conn:
             while not self.stop_event.wait(self.every):
                 rows = conn.execute(
                     "SELECT s.relname, s.n_mod_since_analyze, c.reltuples "
@@ -645,7 +624,7 @@ def server_settings(url: str) -> dict[str, str]:
     import psycopg
 
     names = ("server_version", "autovacuum", "synchronous_commit", "shared_buffers")
-    with psycopg.connect(libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         return {name: str(conn.execute(f"SHOW {name}").fetchone()[0]) for name in names}
 
 
@@ -730,7 +709,7 @@ def wait_until_ready(url: str, workers: Workers, expected: int) -> str | None:
     import psycopg
 
     deadline = time.monotonic() + READY_SECONDS
-    with psycopg.connect(libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         while time.monotonic() < deadline:
             problem = workers.exited()
             if problem:
@@ -803,7 +782,7 @@ def delivery_summary(url: str, update_id: int, started: datetime) -> dict[str, A
     else:
         import psycopg
 
-        conn = psycopg.connect(libpq(url), autocommit=True)
+        conn = psycopg.connect(libpq_url(url), autocommit=True)
         p = "%s"
     channels: dict[str, dict[str, Any]] = {}
     jobs: dict[str, int] = {}
@@ -1331,7 +1310,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     args.n = args.n or (5000 if args.quick else 100_000)
     args.workers = args.workers or ([1, 2] if args.quick else [1, 2, 4])
-    args.database = libpq(args.database)
+    args.database = libpq_url(args.database)
     ensure_database(args.database)
     args.server = server_settings(args.database)
     contenders: list[Contender] = []

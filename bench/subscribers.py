@@ -287,11 +287,17 @@ class Simulator:
         return float(times.user + times.system)
 
 
-@contextlib.contextmanager
-def running_simulator(kind: str) -> Iterator[Simulator]:
+def running_simulator(kind: str) -> contextlib.AbstractContextManager[Simulator]:
     """A simulator in its own process; always stopped (and it exits if we die)."""
+    return running_child(kind, [str(Path(__file__).resolve()), "--simulator", kind])
+
+
+@contextlib.contextmanager
+def running_child(kind: str, script: list[str]) -> Iterator[Simulator]:
+    """`python SCRIPT…` in its own process, which prints `PORT n` once it listens and
+    exits when its stdin closes; always stopped."""
     process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--simulator", kind],
+        [sys.executable, *script],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
